@@ -1,0 +1,46 @@
+"""The small protocols every backend implements; a new server kind is one file and one registry line.
+
+Backends only move bytes and translate errors into :mod:`caiforge.errors`; limits, retries, batching and
+storage belong to the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import BadModelOutput
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class PolicyBackend(Protocol):
+    """Writes candidate responses. ``generate`` gets raw user prompts; the backend applies the template."""
+
+    max_batch_size: int  # prompts per request: NeMo takes a batch, OpenAI servers one
+    default_concurrency: int  # requests in flight when the user sets no --policy-concurrency
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the output besides prompt and temperature (model, template, sampling)."""
+        ...
+
+    async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class JudgeBackend(Protocol):
+    """Answers a chat (constitution as system message, numbered candidates as user message)."""
+
+    default_concurrency: int
+
+    def identity(self) -> dict[str, Any]: ...
+
+    async def chat(self, messages: list[dict[str, str]], seed: int) -> Completion: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,22 @@
+"""The candidate stage as pure functions: names, keys and records of the policy's responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .keys import content_key
+
+
+def candidate_key(temperature: float) -> str:
+    """The seed's column name, ``response_t=0.51``: ``str`` of the float, as its numpy list prints."""
+    return f"response_t={temperature}"
+
+
+def generation_key(prompt: str, temperature: float, policy_identity: dict[str, Any]) -> str:
+    """Identity of one generation: prompt, temperature, and the policy's model, template and sampling."""
+    return content_key("generation", prompt=prompt, temperature=temperature, policy=policy_identity)
+
+
+def candidate_record(prompt: str, responses: dict[float, str]) -> dict[str, str]:
+    """One row of ``cai_candidate_dataset.json``."""
+    return {"prompt": prompt, **{candidate_key(t): text for t, text in responses.items()}}

@@ -1,0 +1,254 @@
+"""The command line: parse, build one config object, call the library, print. Nothing else lives here.
+
+Every flag of NeMo-Aligner's ``generate_rl_cai_dataset.py`` is accepted with its exact spelling, so switching
+is one line: ``python generate_rl_cai_dataset.py ARGS`` becomes ``caiforge run ARGS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import build_config, load_yaml, parse_blend_with, parse_splits
+from .errors import CaiforgeError, InputError, RunAborted
+from .template import unescape
+
+COMMANDS = ("run",)
+TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
+
+
+def _bool(text: str) -> bool:
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    p.add_argument("--config", type=Path, default=s, help="YAML file with any of these settings (flags win)")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--red-teaming-file-path",
+        "--prompts",
+        dest="prompts_path",
+        type=Path,
+        default=s,
+        help="red-team prompts: hh-rlhf JSON array or JSON Lines (gzip or not), .txt or .csv",
+    )
+    io.add_argument(
+        "--sys-prompt-constitution-file-path",
+        "--constitution",
+        dest="constitution_path",
+        type=Path,
+        default=s,
+        help="the judge's system prompt: instructions and principles",
+    )
+    io.add_argument("--output-dir", type=Path, default=s, help="where files and the run database go")
+    io.add_argument("--output-filename-prefix", default=s)
+    io.add_argument("--splits", default=s, help="e.g. \"{'train': 0.8, 'test': 0.2}\"")
+    io.add_argument("--shuffle", type=_bool, default=s)
+    io.add_argument("--seed", type=int, default=s)
+    io.add_argument("--blend-with", default=s, help="the seed's blend dict: name, then per split files")
+    io.add_argument(
+        "--on-bad-record",
+        choices=("error", "skip"),
+        default=s,
+        help="skip: continue past bad input records and list them in failures.jsonl",
+    )
+    io.add_argument("--fresh", action="store_true", default=s, help="ignore finished work and start over")
+    io.add_argument("--quiet", action="store_true", default=s, help="no progress bars")
+
+    pol = p.add_argument_group("policy (candidate responses)")
+    pol.add_argument("--policy-backend", choices=("nemo", "openai-completions", "openai-chat", "local"), default=s)
+    pol.add_argument("--policy-url", default=s, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    pol.add_argument("--policy-model", default=s)
+    pol.add_argument("--policy-concurrency", type=int, default=s, help="requests in flight (default per backend)")
+    pol.add_argument("--host", default=s, help="NeMo inference server host")
+    pol.add_argument("--port", type=int, default=s, help="NeMo inference server port")
+    pol.add_argument("--batch-size", type=int, default=s, help="prompts per NeMo request (default 128)")
+    pol.add_argument("--temperatures", type=_temperatures, default=s, help="default 0.01,0.51,1.01,1.51")
+    pol.add_argument(
+        "--temperature",
+        type=float,
+        default=s,
+        help="accepted for compatibility; the seed overrides it with the sweep, so does caiforge",
+    )
+    for flag, kind in (
+        ("--add_bos", _bool),
+        ("--top_k", int),
+        ("--top_p", float),
+        ("--all_probs", _bool),
+        ("--repetition_penalty", float),
+        ("--min_tokens_to_generate", int),
+        ("--greedy", _bool),
+        ("--tokens_to_generate", int),
+    ):
+        pol.add_argument(flag, type=kind, default=s)
+    pol.add_argument("--end_strings", nargs="*", default=s)
+
+    tpl = p.add_argument_group("prompt template (values are unescaped: \\n is a newline)")
+    for flag in (
+        "--user_format",
+        "--assistant_format",
+        "--system_format",
+        "--system_default_message",
+        "--bos_token",
+        "--eos_token",
+        "--response_extract_pattern",
+    ):
+        tpl.add_argument(flag, default=s)
+
+    jg = p.add_argument_group("judge (AI preference)")
+    jg.add_argument("--judge-backend", choices=("openai", "local"), default=s)
+    jg.add_argument(
+        "--judge-url",
+        "--ngc-url",
+        dest="judge_url",
+        default=s,
+        help="OpenAI-compatible chat URL: base (.../v1) or full (.../chat/completions)",
+    )
+    jg.add_argument("--judge-model", "--ngc-model", dest="judge_model", default=s)
+    jg.add_argument("--ngc-api-key", default=s, help="prefer the NGC_API_KEY environment variable")
+    jg.add_argument("--judge-concurrency", type=int, default=s)
+    jg.add_argument("--judge-max-tokens", type=int, default=s)
+    jg.add_argument(
+        "--judge-parse-retries",
+        type=int,
+        default=s,
+        help="extra attempts, with other seeds, when a reply holds no valid decision",
+    )
+
+    net = p.add_argument_group("requests")
+    net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
+    net.add_argument("--max-retries", type=int, default=s, help="retries on 429/5xx/timeouts (default 6)")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="caiforge", description=__doc__.splitlines()[0] if __doc__ else None)
+    root.add_argument("--version", action="version", version=f"caiforge {__version__}")
+    sub = root.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="make a preference dataset (the default command)")
+    _add_run_flags(run)
+    return root
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+FLAT = {  # flag dest -> config path
+    "prompts_path": "prompts_path",
+    "constitution_path": "constitution_path",
+    "output_dir": "output_dir",
+    "output_filename_prefix": "output_filename_prefix",
+    "shuffle": "shuffle",
+    "seed": "seed",
+    "on_bad_record": "on_bad_record",
+    "quiet": "quiet",
+    "temperatures": "temperatures",
+    "request_timeout": "request_timeout",
+    "max_retries": "max_retries",
+    "policy_backend": "policy.backend",
+    "policy_url": "policy.url",
+    "policy_model": "policy.model",
+    "policy_concurrency": "policy.concurrency",
+    "host": "policy.host",
+    "port": "policy.port",
+    "batch_size": "policy.batch_size",
+    "judge_backend": "judge.backend",
+    "judge_url": "judge.url",
+    "judge_model": "judge.model",
+    "judge_concurrency": "judge.concurrency",
+    "judge_max_tokens": "judge.max_tokens",
+    "judge_parse_retries": "judge.parse_retries",
+}
+SAMPLING = (
+    "add_bos",
+    "top_k",
+    "top_p",
+    "all_probs",
+    "repetition_penalty",
+    "min_tokens_to_generate",
+    "greedy",
+    "tokens_to_generate",
+)
+TEMPLATE = (
+    "user_format",
+    "assistant_format",
+    "system_format",
+    "system_default_message",
+    "bos_token",
+    "eos_token",
+    "response_extract_pattern",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
+    given = vars(args)
+    data: dict[str, Any] = load_yaml(given["config"]) if "config" in given else {}
+    for dest, path in FLAT.items():
+        if dest in given:
+            _set(data, path, given[dest])
+    for name in SAMPLING:
+        if name in given:
+            _set(data, f"policy.sampling.{name}", given[name])
+    if "end_strings" in given:
+        _set(data, "policy.sampling.end_strings", [unescape(v) for v in given["end_strings"]])
+    for name in TEMPLATE:
+        if name in given:
+            _set(data, f"template.{name}", unescape(given[name]))
+    if "splits" in given:
+        data["splits"] = parse_splits(given["splits"])
+    if "blend_with" in given:
+        data["blend_with"] = parse_blend_with(given["blend_with"])
+    key = given.get("ngc_api_key") or os.environ.get("NGC_API_KEY")
+    if key:
+        _set(data, "judge.api_key", key)
+    return build_config(data), bool(given.get("fresh", False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv.insert(0, "run")  # the seed has no subcommand: `caiforge --batch-size 8 ...` is a run
+    args = parser().parse_args(argv)
+    from .pipeline import run  # imported late: `caiforge --help` stays fast
+
+    try:
+        cfg, fresh = config_from_args(args)
+        result = run(cfg, fresh=fresh)
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    except RunAborted as exc:
+        print(f"\ncaiforge: {exc}", file=sys.stderr)
+        return 1
+    except CaiforgeError as exc:
+        print(f"caiforge: failed: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    if result.pairs == 0:
+        print("caiforge: failed: no pairs were made; see failures.jsonl for why", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The one validated configuration object of a run, built from CLI flags, a YAML file or Python.
+
+Secrets are ``SecretStr`` so that printing, logging or dumping a config can never reveal a key; the manifest
+is written from :meth:`RunConfig.public_dict`, which drops them entirely.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import InputError
+from .template import PromptTemplate
+
+DEFAULT_TEMPERATURES = (0.01, 0.51, 1.01, 1.51)
+DEFAULT_JUDGE_URL = "https://integrate.api.nvidia.com/v1/chat/completions"
+DEFAULT_JUDGE_MODEL = "mistralai/mixtral-8x7b-instruct-v0.1"
+DEFAULT_OUTPUT_DIR = "caiforge-out"
+
+PolicyKind = Literal["nemo", "openai-completions", "openai-chat", "local"]
+JudgeKind = Literal["openai", "local"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Sampling(_Frozen):
+    """The seed's inference flags; sent to NeMo as is, mapped to OpenAI fields where they exist."""
+
+    tokens_to_generate: int = Field(1024, ge=1)
+    min_tokens_to_generate: int = Field(1, ge=0)
+    add_bos: bool = False
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    all_probs: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    greedy: bool = False
+    end_strings: tuple[str, ...] = ("<extra_id_1>",)
+
+
+class PolicyConfig(_Frozen):
+    """Who writes the candidates. ``backend=None`` is resolved by :meth:`RunConfig._resolve_backends`."""
+
+    backend: PolicyKind | None = None
+    url: str | None = None
+    model: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    batch_size: int = Field(128, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    api_key: SecretStr | None = None
+    sampling: Sampling = Sampling()
+
+
+class JudgeConfig(_Frozen):
+    """Who labels the pairs: an OpenAI-compatible chat endpoint (NGC/NIM, vLLM, ...) or the local model."""
+
+    backend: JudgeKind | None = None
+    url: str | None = None
+    model: str = DEFAULT_JUDGE_MODEL
+    api_key: SecretStr | None = None
+    concurrency: int = Field(32, ge=1)
+    max_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(0.0, ge=0.0, le=1.0)
+    parse_retries: int = Field(3, ge=0)
+
+
+class BlendSpec(_Frozen):
+    """The seed's ``--blend-with``: a name, then per split the external prompts and comparisons files."""
+
+    name: str
+    splits: dict[str, dict[Literal["prompts", "comparisons"], tuple[Path, ...]]]
+
+
+class RunConfig(_Frozen):
+    prompts_path: Path | None = None
+    constitution_path: Path | None = None
+    output_dir: Path = Path(DEFAULT_OUTPUT_DIR)
+    output_filename_prefix: str = "cai_rlaif"
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "test": 0.2})
+    shuffle: bool = True
+    seed: int = 1234
+    blend_with: BlendSpec | None = None
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+    template: PromptTemplate = PromptTemplate()
+    policy: PolicyConfig = PolicyConfig()
+    judge: JudgeConfig = JudgeConfig()
+    request_timeout: float = Field(300.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    on_bad_record: Literal["error", "skip"] = "error"
+    quiet: bool = False
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) < 2:
+            raise ValueError("need at least two temperatures: the judge compares candidates")
+        if len(set(value)) != len(value):
+            raise ValueError(f"temperatures must be distinct, got {list(value)}")
+        if any(t < 0 or not math.isfinite(t) for t in value):
+            raise ValueError(f"temperatures must be finite and >= 0, got {list(value)}")
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("at least one split is needed")
+        for name, ratio in value.items():
+            if not name or not isinstance(name, str):
+                raise ValueError(f"split names must be non-empty strings, got {name!r}")
+            if not 0 < ratio <= 1:
+                raise ValueError(f"split {name!r} has ratio {ratio}; each ratio must be in (0, 1]")
+        total = sum(value.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must sum to 1, they sum to {total:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_backends(self) -> RunConfig:
+        policy, judge = self.policy, self.judge
+        if policy.backend is None:
+            if policy.url:
+                kind: PolicyKind = "openai-chat"
+            elif policy.host or policy.port:
+                kind = "nemo"
+            else:
+                kind = "local"
+            policy = policy.model_copy(update={"backend": kind})
+        if policy.backend == "nemo":
+            policy = policy.model_copy(update={"host": policy.host or "localhost", "port": policy.port or 5656})
+        elif policy.backend in ("openai-completions", "openai-chat") and not policy.url:
+            raise ValueError(f"--policy-backend {policy.backend} needs --policy-url (e.g. http://127.0.0.1:8000/v1)")
+        if policy.backend in ("openai-completions", "openai-chat") and not policy.model:
+            raise ValueError(f"--policy-backend {policy.backend} needs --policy-model (the served model name)")
+        if judge.backend is None:
+            if judge.url:
+                judge = judge.model_copy(update={"backend": "openai"})
+            elif judge.api_key is not None:
+                judge = judge.model_copy(update={"backend": "openai", "url": DEFAULT_JUDGE_URL})
+            else:
+                judge = judge.model_copy(update={"backend": "local"})
+        elif judge.backend == "openai" and not judge.url:
+            judge = judge.model_copy(update={"url": DEFAULT_JUDGE_URL})
+        if self.blend_with is not None:
+            missing = sorted(set(self.splits) - set(self.blend_with.splits))
+            extra = sorted(set(self.blend_with.splits) - set(self.splits))
+            if missing or extra:
+                raise ValueError(
+                    f"--blend-with must name exactly the splits of --splits {sorted(self.splits)}; "
+                    f"missing {missing}, unknown {extra}"
+                )
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "judge", judge)
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """Everything that shaped the run, for the manifest, with every secret removed."""
+        data = self.model_dump(mode="json", exclude={"policy": {"api_key"}, "judge": {"api_key"}})
+        data["policy"]["api_key_set"] = self.policy.api_key is not None
+        data["judge"]["api_key_set"] = self.judge.api_key is not None
+        return data
+
+
+def literal(text: str, flag: str) -> Any:
+    """Parse a Python/JSON literal typed by the user (never model output), as the seed's flags expect."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise InputError(f"{flag}: not a valid literal: {text!r} ({exc.__class__.__name__})") from exc
+
+
+def parse_splits(text: str) -> dict[str, float]:
+    value = literal(text, "--splits")
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        raise InputError(
+            f"--splits: expected a dict of split name to ratio, e.g. \"{{'train': 0.8, 'test': 0.2}}\", got {text!r}"
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
+def parse_blend_with(text: str) -> BlendSpec:
+    """The seed's blend dict; single paths are allowed where lists are expected, as in the seed."""
+    value = literal(text, "--blend-with")
+    example = "{'name': 'hh', 'train': {'prompts': [...], 'comparisons': [...]}, 'test': {...}}"
+    if not isinstance(value, dict):
+        raise InputError(f"--blend-with: expected a dict like {example}, got {type(value).__name__}")
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("--blend-with: needs a non-empty 'name'")
+    splits: dict[str, dict[str, tuple[Path, ...]]] = {}
+    for split, blend in value.items():
+        if split == "name":
+            continue
+        if not isinstance(blend, dict) or set(blend) != {"prompts", "comparisons"}:
+            raise InputError(f"--blend-with: split {split!r} must have exactly the keys 'prompts' and 'comparisons'")
+        entry: dict[str, tuple[Path, ...]] = {}
+        for kind, files in blend.items():
+            files = [files] if isinstance(files, str) else files
+            if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files) or not files:
+                raise InputError(f"--blend-with: {split}.{kind} must be a path or a non-empty list of paths")
+            entry[kind] = tuple(Path(f) for f in files)
+        splits[split] = entry
+    return BlendSpec(name=name, splits=splits)  # type: ignore[arg-type]
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """Validate, turning pydantic's report into one readable line per problem."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" if where else msg)
+        raise InputError("invalid configuration: " + "; ".join(problems)) from exc
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config file must hold a mapping at the top level")
+    return data

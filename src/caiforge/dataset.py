@@ -1,0 +1,117 @@
+"""The dataset stage as pure functions: preference records, splits, NeMo's chat-formatted lines, blending.
+
+Everything here is a deterministic function of the stored pairs and the seed, which is what lets an
+interrupted-then-resumed run write the same files as an uninterrupted one, and lets later exporters reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .candidates import candidate_key
+from .template import PromptTemplate
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A judged prompt: its candidates by temperature and the judge's choice among them."""
+
+    prompt: str
+    responses: dict[float, str]
+    chosen_t: float
+    rejected_t: float
+    explanation: str
+
+    def record(self) -> dict[str, Any]:
+        """One entry of the seed's ``cai_preference_dataset.json``."""
+        return {
+            "prompt": self.prompt,
+            "chosen": self.responses[self.chosen_t],
+            "rejected": self.responses[self.rejected_t],
+            "raw": {
+                "chosen_response_key": candidate_key(self.chosen_t),
+                "rejected_response_key": candidate_key(self.rejected_t),
+                "explanation": self.explanation,
+                "all_responses": {candidate_key(t): text for t, text in self.responses.items()},
+            },
+        }
+
+
+def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder sizes that sum to ``n``; every split gets one item when there are enough."""
+    exact = {name: n * ratio for name, ratio in splits.items()}
+    sizes = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(splits, key=lambda name: (-(exact[name] - sizes[name]), list(splits).index(name)))
+    for name in by_remainder[: n - sum(sizes.values())]:
+        sizes[name] += 1
+    if n >= len(splits):
+        for name in splits:
+            if sizes[name] == 0:
+                donor = max(sizes, key=lambda k: sizes[k])
+                sizes[donor] -= 1
+                sizes[name] += 1
+    return sizes
+
+
+def split(items: list[Any], splits: dict[str, float], shuffle: bool, seed: int) -> dict[str, list[Any]]:
+    """Deterministic split: the same items, ratios and seed always give the same splits."""
+    order = list(range(len(items)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    out: dict[str, list[Any]] = {}
+    start = 0
+    for name, size in split_sizes(len(items), splits).items():
+        out[name] = [items[i] for i in order[start : start + size]]
+        start += size
+    return out
+
+
+def format_pair(template: PromptTemplate, pair: Pair) -> tuple[str, str, str] | str:
+    """(prompt, chosen line, rejected line) as the seed's ``process_samples``, or why the pair cannot be used."""
+    body = pair.prompt.strip().strip("\n")
+    chosen = pair.responses[pair.chosen_t].strip().strip("\n")
+    rejected = pair.responses[pair.rejected_t].strip().strip("\n")
+    if not body:
+        return "empty prompt"
+    if not chosen or not rejected:
+        return "empty " + ("chosen" if not chosen else "rejected") + " response"
+    return (
+        template.format_prompt(body),
+        template.format_with_response(body, chosen),
+        template.format_with_response(body, rejected),
+    )
+
+
+def jsonl(records: list[dict[str, Any]]) -> str:
+    """JSON Lines with the seed's ``json.dumps`` defaults (ASCII-escaped), newline-terminated."""
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def nemo_split_files(formatted: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """Contents of ``*_prompts_with_chat_prompt.jsonl`` and ``*_comparisons_with_chat_prompt.jsonl``."""
+    prompts = [{"text": prompt} for prompt, _, _ in formatted]
+    comparisons: list[dict[str, str]] = []
+    for _, chosen, rejected in formatted:
+        comparisons += [{"text": chosen}, {"text": rejected}]
+    return jsonl(prompts), jsonl(comparisons)
+
+
+def _lines(text: str) -> list[str]:
+    return [line + "\n" for line in text.splitlines() if line.strip()]
+
+
+def blend(external: list[str], own: str, kind: str, rng: random.Random) -> str:
+    """The seed's blend: all lines shuffled; for comparisons, (chosen, rejected) line pairs stay together."""
+    texts = [*external, own]
+    if kind == "prompts":
+        units = [[line] for text in texts for line in _lines(text)]
+    else:
+        units = []
+        for text in texts:
+            lines = _lines(text)
+            units += [lines[i : i + 2] for i in range(0, len(lines), 2)]
+    rng.shuffle(units)
+    return "".join(line for unit in units for line in unit)

@@ -1,0 +1,345 @@
+"""The one concurrency engine: it owns tasks, limits, batching, retries and the durable record.
+
+Each prompt is a coroutine: its candidates are requested at every temperature, and as soon as they exist it
+goes to the judge (no stage barrier). Requests wait on a per-endpoint :class:`Limiter`; NeMo-style backends
+that take batches get per-prompt requests grouped by a :class:`Batcher`, whose timer flushes the last partial
+batch (the seed silently dropped it). Every finished request is committed to the store before it is used, so
+a rerun with the same settings sends nothing that already finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from .backends import Completion, JudgeBackend, PolicyBackend
+from .candidates import generation_key
+from .errors import BackendError, BadModelOutput, RateLimited, TransientError
+from .judge import judge_messages, parse_decision
+from .keys import content_key
+from .progress import Progress
+from .store import Failure, Generation, Judgment, Store
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Limiter:
+    """How many requests one endpoint may have in flight; ``limit`` may change while running."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.in_flight = 0
+        self.peak = 0
+        self._cond = asyncio.Condition()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    async def set_limit(self, limit: int) -> None:
+        async with self._cond:
+            self._limit = max(1, limit)
+            self._cond.notify_all()
+
+    async def __aenter__(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < self._limit)
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._cond:
+            self.in_flight -= 1
+            self._cond.notify()
+
+
+class Batcher(Generic[T, R]):
+    """Groups single items into batches of up to ``size``; a partial batch leaves after ``linger`` seconds."""
+
+    def __init__(self, size: int, linger: float, run: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._size, self._linger, self._run = size, linger, run
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if len(self._pending) >= self._size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            batch, self._pending = self._pending[: self._size], self._pending[self._size :]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Cancel batches still in flight (on interrupt); their waiters are cancelled with them."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _send(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except BaseException as exc:  # handed to every waiter, who decides; nothing is swallowed
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+@dataclass
+class Stats:
+    """What the summary and manifest report."""
+
+    requests: Counter[str] = field(default_factory=Counter)  # sent, per role
+    retries: Counter[str] = field(default_factory=Counter)
+    cached: Counter[str] = field(default_factory=Counter)  # answered from the store
+    tokens: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)  # by "stage: reason"
+    peak_in_flight: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "retries": dict(self.retries),
+            "cached": dict(self.cached),
+            "tokens": dict(self.tokens),
+            "failures": dict(self.failures),
+            "peak_in_flight": self.peak_in_flight,
+        }
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    temperatures: tuple[float, ...]
+    constitution: str
+    constitution_sha256: str
+    seed: int
+    max_retries: int
+    parse_retries: int
+    policy_concurrency: int
+    judge_concurrency: int
+    linger: float = 0.02
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+
+
+def judgment_key(prompt: str, candidates: list[str], settings: EngineSettings, judge: dict[str, Any]) -> str:
+    return content_key(
+        "judgment",
+        prompt=prompt,
+        candidates=candidates,
+        constitution=settings.constitution_sha256,
+        judge=judge,
+        seed=settings.seed,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: PolicyBackend | None,
+        judge: JudgeBackend | None,
+        store: Store,
+        settings: EngineSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self.policy, self.judge, self.store, self.s = policy, judge, store, settings
+        self.progress = progress or Progress({}, quiet=True)
+        self.stats = Stats()
+        self.policy_limiter = Limiter(settings.policy_concurrency)
+        self.judge_limiter = Limiter(settings.judge_concurrency)
+        self.policy_identity = policy.identity() if policy else {}
+        self.judge_identity = judge.identity() if judge else {}
+        self._batchers: dict[float, Batcher[str, Completion | BadModelOutput]] = {}
+        self._jitter = random.Random(settings.seed)
+
+    # -- retries ----------------------------------------------------------------------------------------
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            return exc.retry_after + self._jitter.uniform(0, 0.1 * exc.retry_after + 0.05)
+        ceiling = min(self.s.backoff_max, self.s.backoff_base * 2 ** (state.attempt_number - 1))
+        return self._jitter.uniform(0, ceiling)  # full jitter
+
+    async def _call(self, role: str, limiter: Limiter, fn: Callable[[], Awaitable[R]]) -> R:
+        """One request under the endpoint's limit, retried on transient errors with backoff outside it."""
+
+        async def once() -> R:
+            async with limiter:
+                self.stats.requests[role] += 1
+                return await fn()
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.stats.retries[role] += 1
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.s.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientError),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return await retrying(once)
+
+    # -- candidates -------------------------------------------------------------------------------------
+    def _batcher(self, temperature: float) -> Batcher[str, Completion | BadModelOutput]:
+        if temperature not in self._batchers:
+            policy = self.policy
+            assert policy is not None
+
+            async def run(prompts: list[str]) -> list[Completion | BadModelOutput]:
+                return await self._call("policy", self.policy_limiter, lambda: policy.generate(prompts, temperature))
+
+            self._batchers[temperature] = Batcher(policy.max_batch_size, self.s.linger, run)
+        return self._batchers[temperature]
+
+    async def generate(self, prompt: str, temperature: float) -> str:
+        """One candidate, from the store when it was made before; raises BackendError when it cannot be."""
+        key = generation_key(prompt, temperature, self.policy_identity)
+        stored = self.store.get_generation(key)
+        if stored is not None:
+            self.stats.cached["policy"] += 1
+            self.progress.advance("candidates")
+            return stored.response
+        result: Completion | BadModelOutput | None = None
+        for _ in range(self.s.parse_retries + 1):
+            result = await self._batcher(temperature).submit(prompt)
+            if isinstance(result, Completion):
+                break
+        if not isinstance(result, Completion):
+            raise result or BadModelOutput("no result")
+        self.store.put_generation(
+            key, prompt, temperature, Generation(result.text, result.prompt_tokens, result.completion_tokens)
+        )
+        self._count_tokens("policy", result)
+        self.progress.advance("candidates")
+        return result.text
+
+    # -- judge ------------------------------------------------------------------------------------------
+    async def judge_prompt(self, prompt: str, candidates: list[str]) -> Judgment:
+        """The judge's valid decision, retried with other seeds; raises BadModelOutput when there is none."""
+        key = judgment_key(prompt, candidates, self.s, self.judge_identity)
+        stored = self.store.get_judgment(key)
+        if stored is not None:
+            self.stats.cached["judge"] += 1
+            return stored
+        judge = self.judge
+        assert judge is not None
+        messages = judge_messages(self.s.constitution, prompt, candidates)
+        error: BadModelOutput | None = None
+        replies: list[str] = []
+        for attempt in range(self.s.parse_retries + 1):
+            seed = self.s.seed + attempt  # same seed, same answer: vary it to get another
+            reply = await self._call("judge", self.judge_limiter, lambda s=seed: judge.chat(messages, s))
+            self._count_tokens("judge", reply)
+            try:
+                decision = parse_decision(reply.text, len(candidates))
+            except BadModelOutput as exc:
+                error = exc
+                replies.append(reply.text)
+                continue
+            judgment = Judgment(
+                decision.chosen,
+                decision.rejected,
+                decision.explanation,
+                reply.text,
+                attempt + 1,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+            )
+            self.store.put_judgment(key, prompt, judgment)
+            return judgment
+        assert error is not None
+        raise type(error)(f"{error} (after {len(replies)} attempts; last reply: {replies[-1][:300]!r})")
+
+    def _count_tokens(self, role: str, completion: Completion) -> None:
+        self.stats.tokens[f"{role}_prompt"] += completion.prompt_tokens or 0
+        self.stats.tokens[f"{role}_completion"] += completion.completion_tokens or 0
+
+    # -- prompts ----------------------------------------------------------------------------------------
+    def _fail(self, prompt: str, stage: str, exc: BackendError) -> None:
+        self.store.put_failure(Failure(prompt, stage, exc.reason, str(exc)))
+        self.stats.failures[f"{stage}: {exc.reason}"] += 1
+
+    async def _process(self, prompt: str) -> None:
+        results = await asyncio.gather(*(self.generate(prompt, t) for t in self.s.temperatures), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, BackendError):
+                raise result
+        errors = [r for r in results if isinstance(r, BackendError)]
+        if errors:
+            self._fail(prompt, "candidates", errors[0])
+            self.progress.advance("judge")
+            return
+        try:
+            await self.judge_prompt(prompt, [str(r) for r in results])
+        except BackendError as exc:
+            self._fail(prompt, "judge", exc)
+        self.progress.advance("judge")
+
+    async def run(self, prompts: list[str]) -> Stats:
+        """Process every prompt; each ends in the store as a judgment or a recorded failure."""
+        started = time.monotonic()
+        batch = self.policy.max_batch_size if self.policy else 1
+        window = asyncio.Semaphore(self.s.policy_concurrency * batch + 2 * self.s.judge_concurrency)
+
+        async def guarded(prompt: str) -> None:
+            try:
+                await self._process(prompt)
+            finally:
+                window.release()
+
+        tasks: set[asyncio.Task[None]] = set()
+        crashed: list[BaseException] = []
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # a bug, not a bad response: stop the run, loudly
+
+        try:
+            for prompt in prompts:
+                await window.acquire()
+                if crashed:
+                    raise crashed[0]
+                task = asyncio.create_task(guarded(prompt))
+                tasks.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*list(tasks))
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            for batcher in self._batchers.values():
+                await batcher.aclose()
+        if crashed:
+            raise crashed[0]
+        self.stats.peak_in_flight = {"policy": self.policy_limiter.peak, "judge": self.judge_limiter.peak}
+        self.elapsed = time.monotonic() - started
+        return self.stats

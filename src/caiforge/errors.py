@@ -1,0 +1,62 @@
+"""One exception tree for caiforge.
+
+    CaiforgeError
+    ├── InputError            bad flags, bad files: exit code 2, one line on stderr, never a traceback
+    ├── RunAborted            the run stopped on purpose (Ctrl-C, SIGTERM, failure rate): resumable
+    └── BackendError          a request to a model failed
+        ├── TransientError    worth retrying: 429, 5xx, timeouts, connection resets, truncated bodies
+        │   └── RateLimited   429, with the server's Retry-After when it sent one
+        ├── PermanentError    not worth retrying: 4xx other than 408/429, a bad URL
+        └── BadModelOutput    the model answered, but not usably (no decision, ids out of range, ...)
+
+Lower-layer errors (aiohttp, json, OSError) are translated with ``raise X(...) from exc`` at the edge that
+sees them, so the engine only ever reasons about this tree.
+"""
+
+from __future__ import annotations
+
+
+class CaiforgeError(Exception):
+    """Base of every error caiforge raises on purpose."""
+
+
+class InputError(CaiforgeError):
+    """A usage or input problem the user can fix; the message names the file, line and problem."""
+
+
+class RunAborted(CaiforgeError):
+    """The run stopped before finishing; what was done is kept and a rerun continues from there."""
+
+
+class BackendError(CaiforgeError):
+    """A model request did not give a usable answer."""
+
+    reason = "backend error"
+
+
+class TransientError(BackendError):
+    """Retrying the same request later may well succeed."""
+
+    reason = "transient error"
+
+
+class RateLimited(TransientError):
+    """HTTP 429; ``retry_after`` is the server's hint in seconds, if it gave one."""
+
+    reason = "rate limited (429)"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(BackendError):
+    """Retrying cannot help (bad request, unauthorised, not found)."""
+
+    reason = "permanent error"
+
+
+class BadModelOutput(BackendError):
+    """The model answered but its text is unusable; retried with another seed, then recorded."""
+
+    reason = "bad model output"

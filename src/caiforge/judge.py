@@ -1,0 +1,114 @@
+"""The AI-preference stage as pure functions: the judge prompt and the reading of its decision.
+
+Model text is data, never code: the decision is found with a JSON decoder (and, for the single-quoted dicts
+Mixtral likes to write, a strict regular expression), never ``eval``/``ast.literal_eval``. Anything doubtful
+raises :class:`BadModelOutput`; the engine retries with another seed and records a failure in the end. The
+seed's habit of answering ``chosen == rejected`` with a random pair is exactly what this module refuses to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadModelOutput
+
+INSTRUCTION = "\nNow, choose the pair of responses as instructed:"
+
+_RELAXED = re.compile(
+    r"""\{\s*['"]?(?P<k1>chosen|rejected)['"]?\s*:\s*(?P<v1>['"][^'"{}]*['"]|[#\w]+)\s*,
+        \s*['"]?(?P<k2>chosen|rejected)['"]?\s*:\s*(?P<v2>['"][^'"{}]*['"]|[#\w]+)\s*,?\s*\}""",
+    re.VERBOSE | re.IGNORECASE,
+)
+_FENCE = re.compile(r"^\s*```\w*\s*|\s*```\s*$")
+
+
+class NoDecision(BadModelOutput):
+    reason = "judge reply has no decision"
+
+
+class InvalidDecision(BadModelOutput):
+    reason = "judge decision out of range"
+
+
+class SameDecision(BadModelOutput):
+    reason = "judge chose and rejected the same response"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """1-based candidate numbers as the judge saw them, and the text after the decision."""
+
+    chosen: int
+    rejected: int
+    explanation: str
+
+
+def judge_messages(constitution: str, prompt: str, candidates: list[str]) -> list[dict[str, str]]:
+    """The seed's layout, byte for byte, so judges tuned on NeMo-Aligner behave the same."""
+    text = f"\n FULL TEXT: {prompt}"
+    for number, response in enumerate(candidates, start=1):
+        text += f"\n #{number}: \n {response}\n"
+    text += INSTRUCTION
+    return [{"role": "system", "content": constitution}, {"role": "user", "content": text}]
+
+
+def _as_id(value: Any) -> int | None:
+    """An id written as 2, "2", "#2" or "Response 2": exactly one integer, as the seed accepts."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        numbers = re.findall(r"\d+", value)
+        if len(numbers) == 1:
+            return int(numbers[0])
+    return None
+
+
+def _find_object(text: str) -> tuple[Any, Any, int] | None:
+    """The first ``{...}`` holding both keys: (chosen, rejected, end offset)."""
+    decoder = json.JSONDecoder()
+    at = text.find("{")
+    while at >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            keys = {str(k).lower(): v for k, v in obj.items()}
+            if "chosen" in keys and "rejected" in keys:
+                return keys["chosen"], keys["rejected"], end
+        match = _RELAXED.match(text, at)
+        if match and match["k1"].lower() != match["k2"].lower():
+            values = {match["k1"].lower(): match["v1"].strip("'\""), match["k2"].lower(): match["v2"].strip("'\"")}
+            return values["chosen"], values["rejected"], match.end()
+        at = text.find("{", at + 1)
+    return None
+
+
+def parse_decision(text: str, n_candidates: int) -> Decision:
+    """Read ``{"chosen": x, "rejected": y}`` from a judge reply, tolerating fences and prose around it."""
+    found = _find_object(text or "")
+    if found is None:
+        raise NoDecision(f"no {{'chosen': x, 'rejected': y}} object in the reply: {_excerpt(text)}")
+    raw_chosen, raw_rejected, end = found
+    chosen, rejected = _as_id(raw_chosen), _as_id(raw_rejected)
+    if chosen is None or rejected is None:
+        raise NoDecision(f"decision ids are not numbers: chosen={raw_chosen!r}, rejected={raw_rejected!r}")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not 1 <= value <= n_candidates:
+            raise InvalidDecision(f"{name}={value} is not a candidate number (1..{n_candidates})")
+    if chosen == rejected:
+        raise SameDecision(f"chosen and rejected are both #{chosen}")
+    explanation = _FENCE.sub("", text[end:]).strip()
+    return Decision(chosen, rejected, explanation)
+
+
+def _excerpt(text: str | None, limit: int = 200) -> str:
+    text = (text or "").strip().replace("\n", " ")
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -1,0 +1,201 @@
+"""A whole run: check every input before the first request, run the engine, rebuild the files from the store.
+
+This is the asynchronous core's single entry point; :func:`run` is the synchronous wrapper for the CLI and
+for Python users (``asyncio.run`` once, at the edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends import make_judge, make_policy
+from .config import RunConfig
+from .engine import Engine, EngineSettings, Stats
+from .errors import InputError, RunAborted
+from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
+from .keys import sha256_text
+from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_dataset, write_failures, write_json
+from .progress import Progress
+from .store import DB_NAME, Failure, Store
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    counts: dict[str, Any]
+    failures: list[Failure]
+    stats: Stats
+    elapsed: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> int:
+        return int(self.counts["pairs"])
+
+    def summary(self) -> str:
+        c, s = self.counts, self.stats
+        lines = [
+            f"caiforge: {c['pairs']} pairs from {c['unique_prompts']} unique prompts "
+            f"({c['duplicate_prompts']} duplicates merged) in {self.elapsed:.1f}s",
+            "  splits: " + ", ".join(f"{k} {v}" for k, v in c["splits"].items()),
+        ]
+        by_reason = Counter(f"{f.stage}: {f.reason}" for f in self.failures)
+        if by_reason:
+            detail = "; ".join(f"{reason} {n}" for reason, n in by_reason.most_common())
+            lines.append(f"  failures: {len(self.failures)} ({detail}) -> {self.output_dir / FAILURES_FILE}")
+        else:
+            lines.append("  failures: 0")
+        for role in ("policy", "judge"):
+            lines.append(
+                f"  {role} requests: {s.requests[role]} sent, {s.retries[role]} retried, "
+                f"{s.cached[role]} reused from {DB_NAME}, peak {s.peak_in_flight.get(role, 0)} in flight"
+            )
+            tin, tout = s.tokens[f"{role}_prompt"], s.tokens[f"{role}_completion"]
+            if tin or tout:
+                lines.append(f"  {role} tokens: {tin:,} in, {tout:,} out")
+        lines.append(f"  output: {self.output_dir}")
+        return "\n".join(lines)
+
+
+def _prepare_output_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: output path exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create output directory: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output directory is not writable")
+
+
+def _versions() -> dict[str, str]:
+    out = {"caiforge": __version__, "python": platform.python_version()}
+    for dist in ("aiohttp", "pydantic", "tenacity"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+@dataclass(frozen=True)
+class Inputs:
+    prompts: list[str]  # unique, in first-seen order
+    records: int  # good records read, duplicates included
+    bad: list[BadRecord]
+    constitution: str
+
+
+def load_inputs(cfg: RunConfig) -> Inputs:
+    """Read and check every input file; raises InputError before any request is sent."""
+    if cfg.prompts_path is None:
+        raise InputError("no prompts: pass --red-teaming-file-path FILE (red-team JSON/JSONL, .txt or .csv)")
+    if cfg.constitution_path is None:
+        raise InputError("no constitution: pass --sys-prompt-constitution-file-path FILE")
+    records, bad = read_prompts(cfg.prompts_path, cfg.on_bad_record)
+    constitution = read_constitution(cfg.constitution_path)
+    if cfg.blend_with is not None:
+        for spec in cfg.blend_with.splits.values():
+            for path in spec["prompts"]:
+                check_jsonl(path, "blend prompts")
+            for path in spec["comparisons"]:
+                check_jsonl(path, "blend comparisons", even_lines=True)
+    unique = list(dict.fromkeys(r.text for r in records))
+    return Inputs(unique, len(records), bad, constitution)
+
+
+async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
+    started_wall, started = time.time(), time.monotonic()
+    inputs = load_inputs(cfg)
+    _prepare_output_dir(cfg.output_dir)
+    policy, judge = make_policy(cfg), make_judge(cfg)
+    settings = EngineSettings(
+        temperatures=cfg.temperatures,
+        constitution=inputs.constitution,
+        constitution_sha256=sha256_text(inputs.constitution),
+        seed=cfg.seed,
+        max_retries=cfg.max_retries,
+        parse_retries=cfg.judge.parse_retries,
+        policy_concurrency=cfg.policy.concurrency or policy.default_concurrency,
+        judge_concurrency=cfg.judge.concurrency,
+    )
+    store = Store.open(cfg.output_dir, fresh=fresh)
+    store.begin_attempt(cfg.public_dict())
+    for bad in inputs.bad:
+        store.put_failure(Failure(None, "input", "bad record", bad.reason, bad.source, bad.line))
+    n = len(inputs.prompts)
+    progress = Progress({"candidates": n * len(cfg.temperatures), "judge": n}, quiet=cfg.quiet)
+    engine = Engine(policy, judge, store, settings, progress)
+    status = "interrupted"
+    try:
+        try:
+            await engine.run(inputs.prompts)
+        finally:
+            progress.close()
+            await policy.aclose()
+            await judge.aclose()
+        collected = collect(inputs.prompts, store, settings, engine.policy_identity, engine.judge_identity)
+        splits = write_dataset(cfg, collected, store)
+        failures = list(store.failures())
+        write_failures(cfg.output_dir / FAILURES_FILE, failures)
+        elapsed = time.monotonic() - started
+        counts = {
+            "input_records": inputs.records,
+            "bad_records": len(inputs.bad),
+            "unique_prompts": n,
+            "duplicate_prompts": inputs.records - n,
+            "with_candidates": len(collected.candidates),
+            "judged": len(collected.pairs),
+            "pairs": sum(splits.values()),
+            "splits": splits,
+            "failures": len(failures),
+        }
+        manifest = {
+            "caiforge": __version__,
+            "config": cfg.public_dict(),
+            "counts": counts,
+            "failures_by_reason": dict(Counter(f"{f.stage}: {f.reason}" for f in failures)),
+            "stats": engine.stats.as_dict(),
+            "constitution_sha256": settings.constitution_sha256,
+            "policy": engine.policy_identity,
+            "judge": engine.judge_identity,
+            "versions": _versions(),
+            "timings": {"started": started_wall, "finished": time.time(), "elapsed_s": round(elapsed, 3)},
+            "attempt": store.attempt,
+            "database": DB_NAME,
+        }
+        write_json(cfg.output_dir / MANIFEST_FILE, manifest, indent=2)
+        status = "finished"
+        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest)
+    finally:
+        store.end_attempt(status, engine.stats.as_dict())
+        store.close()
+
+
+def run(cfg: RunConfig, fresh: bool = False) -> RunResult:
+    """Synchronous entry point; SIGTERM and Ctrl-C stop cleanly and keep everything finished so far."""
+
+    async def main() -> RunResult:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no signals
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_async(cfg, fresh=fresh)
+
+    try:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        raise RunAborted(
+            f"interrupted; finished requests are saved in {cfg.output_dir / DB_NAME}. "
+            "Rerun the same command to continue where it stopped."
+        ) from exc

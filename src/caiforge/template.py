@@ -1,0 +1,95 @@
+"""The chat prompt template, with exactly the semantics of NeMo-Aligner's ``UserAssistantPromptTemplate``.
+
+Outputs must be byte-identical to the seed's so that a NeMo user can switch tools without retraining on a
+different format; hence the odd rules (a system turn is always emitted when a system format exists, the
+response is cut at the *last* occurrence of the extract pattern and of the eos token).
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from .errors import InputError
+
+MESSAGE = "{MESSAGE}"
+
+
+def unescape(value: str) -> str:
+    """Turn ``\\n`` typed on a command line into a newline, as the seed's ``_process_string`` does."""
+    try:
+        return codecs.decode(value.encode("utf-8"), "unicode_escape")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot unescape template value {value!r}: {exc}") from exc
+
+
+class PromptTemplate(BaseModel):
+    """NeMo's ``<extra_id_*>`` chat format by default; every field maps to the seed flag of the same name."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_format: str = "<extra_id_1>User\n{MESSAGE}\n<extra_id_1>Assistant\n"
+    assistant_format: str = "{MESSAGE}\n"
+    system_format: str | None = "<extra_id_0>System\n{MESSAGE}\n"
+    system_default_message: str | None = ""
+    bos_token: str | None = None
+    eos_token: str | None = "<extra_id_1>"
+    response_extract_pattern: str | None = "<extra_id_1>Assistant\n"
+
+    @field_validator("user_format", "assistant_format", "system_format")
+    @classmethod
+    def _one_placeholder(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return value
+        if value.count(MESSAGE) != 1:
+            raise ValueError(f"must contain {MESSAGE} exactly once, got {value!r}")
+        return value
+
+    def _format(self, role_format: str | None, content: str) -> str:
+        fmt = role_format or MESSAGE
+        return fmt.replace(MESSAGE, content)
+
+    def format_turns(self, user: str, assistant: str | None = None) -> str:
+        """The prompt (and optionally its response) as the seed's ``format_messages`` renders them."""
+        text = self.bos_token or ""
+        if self.system_format and self.system_default_message is not None:
+            text += self._format(self.system_format, self.system_default_message)
+        text += self._format(self.user_format, user)
+        if assistant is not None:
+            text += self._format(self.assistant_format, assistant)
+        return text
+
+    def format_prompt(self, user: str) -> str:
+        return self.format_turns(user)
+
+    def format_with_response(self, user: str, response: str) -> str:
+        """Prompt + response + eos, the comparison line NeMo's reward-model trainer reads."""
+        text = self.format_turns(user, response).strip()
+        if self.eos_token and not text.endswith(self.eos_token):
+            text += self.eos_token
+        return text
+
+    def extract_response(self, generated: str) -> str | None:
+        """Cut the response out of prompt+completion; ``None`` when the pattern is missing."""
+        if self.response_extract_pattern is None:
+            return generated.strip()
+        message = generated.strip()
+        at = message.rfind(self.response_extract_pattern)
+        if at < 0:
+            return None
+        response = message[at + len(self.response_extract_pattern) :].strip()
+        if self.eos_token:
+            eos_at = response.rfind(self.eos_token)
+            if eos_at >= 0:
+                response = response[:eos_at]
+        return response
+
+    def strip_eos(self, completion: str) -> str:
+        """A completion alone (OpenAI servers return no prompt echo): trim at the eos token, then space."""
+        text = completion
+        if self.eos_token:
+            at = text.find(self.eos_token)
+            if at >= 0:
+                text = text[:at]
+        return text.strip()
