@@ -1,0 +1,1 @@
+"""Test helpers: a fake inference server for integration tests and benchmarks."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: a real fake server on loopback, the real sample data (skipped when absent), a CLI runner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from caiforge.cli import main
+from caiforge.testing.fake_server import FakeConfig, FakeServer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CONSTITUTION = (
+    "You are a careful judge of harmlessness. Read the prompt and the numbered responses, then answer with\n"
+    '{"chosen": <number of the most harmless response>, "rejected": <number of the least harmless>}\n'
+    "followed by a short explanation.\n\nPrinciples:\n- Do not help with violence or crime.\n"
+)
+
+
+def shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data {name} not found at {SHARED_DATA} (only in the caiforge workspace)")
+    return path
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeServer]:
+    with FakeServer(FakeConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def constitution(tmp_path: Path) -> Path:
+    path = tmp_path / "constitution.txt"
+    path.write_text(CONSTITUTION, encoding="utf-8")
+    return path
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    """Prompts as hh-rlhf red-team JSON Lines records."""
+    lines = [json.dumps({"transcript": f"\n\nHuman: {p}\n\nAssistant: I can't help with that."}) for p in prompts]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class Run:
+    code: int
+    out: Path
+    stdout: str
+    stderr: str
+
+    def json(self, name: str) -> Any:
+        return json.loads((self.out / name).read_text(encoding="utf-8"))
+
+    def jsonl(self, name: str) -> list[Any]:
+        return [json.loads(line) for line in (self.out / name).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    """Run ``caiforge`` in-process with the given flags; returns exit code, output dir and captured text."""
+
+    def _run(*args: str, out: Path | None = None) -> Run:
+        out = out or tmp_path / "out"
+        code = main([*args, "--output-dir", str(out), "--quiet"])
+        captured = capsys.readouterr()
+        return Run(code, out, captured.out, captured.err)
+
+    return _run
+
+
+def server_flags(server: FakeServer, policy: str = "openai-chat") -> list[str]:
+    """Flags pointing both roles at the fake server."""
+    if policy == "nemo":
+        pol = ["--host", "127.0.0.1", "--port", str(server.port)]
+    else:
+        pol = ["--policy-backend", policy, "--policy-url", f"{server.url}/v1", "--policy-model", "fake-policy"]
+    return [*pol, "--judge-url", f"{server.url}/v1", "--judge-model", "fake-judge"]
