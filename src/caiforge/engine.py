@@ -27,6 +27,7 @@ from .keys import content_key
 from .progress import Progress
 from .store import Failure, Generation, Judgment, Store
 
+K = TypeVar("K")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -61,54 +62,78 @@ class Limiter:
             self._cond.notify()
 
 
-class Batcher(Generic[T, R]):
-    """Groups single items into batches of up to ``size``; a partial batch leaves after ``linger`` seconds."""
+class Batcher(Generic[K, T, R]):
+    """Dynamic batching: items wait in per-key queues; a free sender takes up to ``size`` of one key and sends.
 
-    def __init__(self, size: int, linger: float, run: Callable[[list[T]], Awaitable[list[R]]]) -> None:
-        self._size, self._linger, self._run = size, linger, run
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+    Batches are formed when a sender is free, not when items arrive, so under load the queues fill and
+    batches are full; when idle, a partial batch leaves after ``linger`` seconds (never dropped). ``senders``
+    bounds the batches in flight. Keys are never mixed in a batch (NeMo takes one temperature per request).
+    """
+
+    def __init__(self, size: int, senders: int, linger: float, run: Callable[[K, list[T]], Awaitable[list[R]]]):
+        self._size, self._senders, self._linger, self._run = size, senders, linger, run
+        self._queues: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
+        self._active: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, key: K, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if len(self._pending) >= self._size:
-            self._flush()
+        self._queues.setdefault(key, []).append((item, future))
+        if len(self._queues[key]) >= self._size:
+            self._start_sender()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush)
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._on_timer)
         return await future
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
-            batch, self._pending = self._pending[: self._size], self._pending[self._size :]
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _on_timer(self) -> None:
+        self._timer = None
+        if any(self._queues.values()):
+            self._start_sender()
+
+    def _start_sender(self) -> None:
+        if len(self._active) < self._senders:
+            task = asyncio.get_running_loop().create_task(self._sender())
+            self._active.add(task)
+            task.add_done_callback(self._active.discard)
+
+    def _take(self) -> tuple[K, list[tuple[T, asyncio.Future[R]]]] | None:
+        """The fullest queue's first ``size`` items (oldest first within it)."""
+        queues = [(len(q), k) for k, q in self._queues.items() if q]
+        if not queues:
+            return None
+        _, key = max(queues, key=lambda lk: lk[0])
+        queue = self._queues[key]
+        batch, self._queues[key] = queue[: self._size], queue[self._size :]
+        return key, batch
+
+    async def _sender(self) -> None:
+        while (taken := self._take()) is not None:
+            key, batch = taken
+            try:
+                results = await self._run(key, [item for item, _ in batch])
+            except Exception as exc:  # handed to every waiter, who decides; nothing is swallowed
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        if any(self._queues.values()) and self._timer is None:  # items that came while the last batch ran
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._on_timer)
 
     async def aclose(self) -> None:
         """Cancel batches still in flight (on interrupt); their waiters are cancelled with them."""
-        for task in list(self._tasks):
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._active):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _send(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        try:
-            results = await self._run([item for item, _ in batch])
-        except BaseException as exc:  # handed to every waiter, who decides; nothing is swallowed
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        if self._active:
+            await asyncio.gather(*list(self._active), return_exceptions=True)
 
 
 @dataclass
@@ -175,7 +200,13 @@ class Engine:
         self.judge_limiter = Limiter(settings.judge_concurrency)
         self.policy_identity = policy.identity() if policy else {}
         self.judge_identity = judge.identity() if judge else {}
-        self._batchers: dict[float, Batcher[str, Completion | BadModelOutput]] = {}
+        self._batcher: Batcher[float, str, Completion | BadModelOutput] | None = None
+        if policy is not None:
+
+            async def send(temperature: float, prompts: list[str]) -> list[Completion | BadModelOutput]:
+                return await self._call("policy", self.policy_limiter, lambda: policy.generate(prompts, temperature))
+
+            self._batcher = Batcher(policy.max_batch_size, settings.policy_concurrency, settings.linger, send)
         self._jitter = random.Random(settings.seed)
 
     # -- retries ----------------------------------------------------------------------------------------
@@ -207,17 +238,6 @@ class Engine:
         return await retrying(once)
 
     # -- candidates -------------------------------------------------------------------------------------
-    def _batcher(self, temperature: float) -> Batcher[str, Completion | BadModelOutput]:
-        if temperature not in self._batchers:
-            policy = self.policy
-            assert policy is not None
-
-            async def run(prompts: list[str]) -> list[Completion | BadModelOutput]:
-                return await self._call("policy", self.policy_limiter, lambda: policy.generate(prompts, temperature))
-
-            self._batchers[temperature] = Batcher(policy.max_batch_size, self.s.linger, run)
-        return self._batchers[temperature]
-
     async def generate(self, prompt: str, temperature: float) -> str:
         """One candidate, from the store when it was made before; raises BackendError when it cannot be."""
         key = generation_key(prompt, temperature, self.policy_identity)
@@ -228,7 +248,8 @@ class Engine:
             return stored.response
         result: Completion | BadModelOutput | None = None
         for _ in range(self.s.parse_retries + 1):
-            result = await self._batcher(temperature).submit(prompt)
+            assert self._batcher is not None
+            result = await self._batcher.submit(temperature, prompt)
             if isinstance(result, Completion):
                 break
         if not isinstance(result, Completion):
@@ -336,8 +357,8 @@ class Engine:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
-            for batcher in self._batchers.values():
-                await batcher.aclose()
+            if self._batcher is not None:
+                await self._batcher.aclose()
         if crashed:
             raise crashed[0]
         self.stats.peak_in_flight = {"policy": self.policy_limiter.peak, "judge": self.judge_limiter.peak}
