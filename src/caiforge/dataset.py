@@ -42,11 +42,16 @@ class Pair:
 
 def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:
     """Largest-remainder sizes that sum to ``n``; every split gets one item when there are enough."""
-    exact = {name: n * ratio for name, ratio in splits.items()}
-    sizes = {name: int(value) for name, value in exact.items()}
+    total = sum(splits.values())  # validated to be 1 within 1e-6; normalise so rounding never loses items
+    exact = {name: n * ratio / total for name, ratio in splits.items()}
+    sizes = {name: min(n, int(value)) for name, value in exact.items()}
     by_remainder = sorted(splits, key=lambda name: (-(exact[name] - sizes[name]), list(splits).index(name)))
-    for name in by_remainder[: n - sum(sizes.values())]:
-        sizes[name] += 1
+    i = 0
+    while sum(sizes.values()) < n:
+        sizes[by_remainder[i % len(by_remainder)]] += 1
+        i += 1
+    while sum(sizes.values()) > n:
+        sizes[max(sizes, key=lambda k: sizes[k])] -= 1
     if n >= len(splits):
         for name in splits:
             if sizes[name] == 0:
@@ -100,7 +105,8 @@ def nemo_split_files(formatted: list[tuple[str, str, str]]) -> tuple[str, str]:
 
 
 def _lines(text: str) -> list[str]:
-    return [line + "\n" for line in text.splitlines() if line.strip()]
+    # split on "\n" only: U+2028 and friends may stand unescaped inside a JSON string (str.splitlines breaks them)
+    return [line.rstrip("\r") + "\n" for line in text.split("\n") if line.strip()]
 
 
 def blend(external: list[str], own: str, kind: str, rng: random.Random) -> str:

@@ -136,14 +136,24 @@ def _json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
         raise InputError(f"{path}:{line_at(pos)}: invalid JSON: expected ',' or ']' in the array")
 
 
+def lines_of(text: str) -> list[str]:
+    """Lines split on "\n" only: U+2028 and friends may stand unescaped inside a JSON string."""
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+class InvalidLine(ValueError):
+    """A JSON Lines line that does not parse; skippable, unlike a broken JSON array."""
+
+
 def _json_lines(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:
+            msg = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)[:100]
+            yield number, InvalidLine(f"invalid JSON: {msg}")
 
 
 def _records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
@@ -172,7 +182,7 @@ def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptR
 
     kind = _format_of(path)
     if kind == ".txt":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(lines_of(text), start=1):
             if line.strip():
                 prompts.append(PromptRecord(line.strip(), source, number))
     elif kind == ".csv":
@@ -182,12 +192,14 @@ def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptR
             raise InputError(f"{path}:1: CSV header has no 'prompt' column (columns: {reader.fieldnames})")
         column = (reader.fieldnames or [])[fields.index("prompt")]
         try:
+            start = reader.line_num + 1
             for row in reader:
                 value = (row.get(column) or "").strip()
                 if value:
-                    prompts.append(PromptRecord(value, source, reader.line_num))
+                    prompts.append(PromptRecord(value, source, start))
                 else:
-                    reject(reader.line_num, "empty 'prompt' cell")
+                    reject(start, "empty 'prompt' cell")
+                start = reader.line_num + 1
         except csv.Error as exc:
             raise InputError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from exc
     else:
@@ -195,6 +207,8 @@ def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptR
             raise InputError(f"{path}: file is empty, expected prompts")
         for line, obj in _records(text, path):
             try:
+                if isinstance(obj, InvalidLine):
+                    raise obj
                 prompts.append(PromptRecord(_prompt_from_record(obj), source, line))
             except ValueError as exc:
                 reject(line, str(exc))
@@ -213,8 +227,8 @@ def read_constitution(path: Path) -> str:
 def check_jsonl(path: Path, what: str, even_lines: bool = False) -> int:
     """Validate an external NeMo JSONL file before any request is sent; returns its number of lines."""
     text = read_text(path, what)
-    lines = [line for line in text.splitlines() if line.strip()]
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = [line for line in lines_of(text) if line.strip()]
+    for number, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
         try:

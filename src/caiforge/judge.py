@@ -55,19 +55,35 @@ def judge_messages(constitution: str, prompt: str, candidates: list[str]) -> lis
     return [{"role": "system", "content": constitution}, {"role": "user", "content": text}]
 
 
+def decision_schema(n_candidates: int) -> dict[str, Any]:
+    """A JSON schema that admits only valid decisions: ids in range and chosen != rejected (an anyOf over the
+    ordered pairs, since JSON schema cannot say "not equal"). Grammar-constrained backends cannot violate it."""
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"chosen": {"const": c}, "rejected": {"const": r}},
+                "required": ["chosen", "rejected"],
+                "additionalProperties": False,
+            }
+            for c in range(1, n_candidates + 1)
+            for r in range(1, n_candidates + 1)
+            if c != r
+        ]
+    }
+
+
 def _as_id(value: Any) -> int | None:
     """An id written as 2, "2", "#2" or "Response 2": exactly one integer, as the seed accepts."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
     if isinstance(value, str):
         numbers = re.findall(r"\d+", value)
-        if len(numbers) == 1:
+        if len(numbers) == 1 and len(numbers[0]) <= 6:
             return int(numbers[0])
-    return None
+    return None  # floats ("2.0" reads as two numbers in the seed too), bools, None, lists
 
 
 def _find_object(text: str) -> tuple[Any, Any, int] | None:
@@ -77,7 +93,7 @@ def _find_object(text: str) -> tuple[Any, Any, int] | None:
     while at >= 0:
         try:
             obj, end = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, 5000-digit ints, pathological nesting
             obj = None
         if isinstance(obj, dict):
             keys = {str(k).lower(): v for k, v in obj.items()}

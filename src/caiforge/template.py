@@ -7,8 +7,6 @@ response is cut at the *last* occurrence of the extract pattern and of the eos t
 
 from __future__ import annotations
 
-import codecs
-
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .errors import InputError
@@ -18,10 +16,14 @@ MESSAGE = "{MESSAGE}"
 
 def unescape(value: str) -> str:
     """Turn ``\\n`` typed on a command line into a newline, as the seed's ``_process_string`` does."""
-    try:
-        return codecs.decode(value.encode("utf-8"), "unicode_escape")
+    try:  # latin-1 + backslashreplace keeps non-ASCII text intact (the seed's utf-8 round trip garbles it)
+        return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as exc:
         raise InputError(f"cannot unescape template value {value!r}: {exc}") from exc
+
+
+def _unbrace(text: str) -> str:
+    return text.replace("{{", "{").replace("}}", "}")
 
 
 class PromptTemplate(BaseModel):
@@ -47,8 +49,9 @@ class PromptTemplate(BaseModel):
         return value
 
     def _format(self, role_format: str | None, content: str) -> str:
-        fmt = role_format or MESSAGE
-        return fmt.replace(MESSAGE, content)
+        """``str.format(MESSAGE=content)`` as the seed, but braces in the *content* cannot break it."""
+        before, after = (role_format or MESSAGE).split(MESSAGE)
+        return _unbrace(before) + content + _unbrace(after)
 
     def format_turns(self, user: str, assistant: str | None = None) -> str:
         """The prompt (and optionally its response) as the seed's ``format_messages`` renders them."""
