@@ -18,7 +18,7 @@ from .config import build_config, load_yaml, parse_blend_with, parse_splits
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
 
-COMMANDS = ("run",)
+COMMANDS = ("run", "init")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -132,6 +132,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="extra attempts, with other seeds, when a reply holds no valid decision",
     )
 
+    loc = p.add_argument_group("embedded local model (llama.cpp)")
+    loc.add_argument("--local-model", type=Path, default=s, help="a GGUF file (default: bundled SmolLM2-135M)")
+    loc.add_argument("--local-threads", type=int, default=s, help="llama.cpp threads (default: cores - 1)")
+
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
     net.add_argument("--max-retries", type=int, default=s, help="retries on 429/5xx/timeouts (default 6)")
@@ -143,13 +147,20 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="make a preference dataset (the default command)")
     _add_run_flags(run)
+    init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
+    init.add_argument("directory", nargs="?", type=Path, default=Path("."))
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
     return root
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
-        tree = tree.setdefault(key, {})
+        if tree.get(key) is None:  # `policy:` alone in YAML is None
+            tree[key] = {}
+        if not isinstance(tree[key], dict):
+            raise InputError(f"config: '{key}' must be a mapping, got {type(tree[key]).__name__}")
+        tree = tree[key]
     tree[leaf] = value
 
 
@@ -178,6 +189,8 @@ FLAT = {  # flag dest -> config path
     "judge_concurrency": "judge.concurrency",
     "judge_max_tokens": "judge.max_tokens",
     "judge_parse_retries": "judge.parse_retries",
+    "local_model": "local.model_path",
+    "local_threads": "local.threads",
 }
 SAMPLING = (
     "add_bos",
@@ -224,11 +237,31 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     return build_config(data), bool(given.get("fresh", False))
 
 
+def _init(directory: Path, force: bool) -> int:
+    from .bundled import init
+
+    try:
+        written = init(directory, force)
+    except (InputError, OSError) as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    prompts, constitution = written
+    print(
+        f"edit them, then: caiforge run --red-teaming-file-path {prompts} --sys-prompt-constitution-file-path "
+        f"{constitution}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "run")  # the seed has no subcommand: `caiforge --batch-size 8 ...` is a run
     args = parser().parse_args(argv)
+    if args.command == "init":
+        return _init(args.directory, args.force)
     from .pipeline import run  # imported late: `caiforge --help` stays fast
 
     try:

@@ -80,6 +80,17 @@ class JudgeConfig(_Frozen):
     parse_retries: int = Field(3, ge=0)
 
 
+class LocalConfig(_Frozen):
+    """The embedded llama.cpp model: the bundled SmolLM2-135M-Instruct unless ``model_path`` is given."""
+
+    model_path: Path | None = None
+    threads: int | None = Field(None, ge=1)
+    n_ctx: int = Field(4096, ge=512)
+
+
+LOCAL_TOKENS_TO_GENERATE = 128  # the seed's 1024 would make a first local run take half an hour on 2 cores
+
+
 class BlendSpec(_Frozen):
     """The seed's ``--blend-with``: a name, then per split the external prompts and comparisons files."""
 
@@ -100,6 +111,7 @@ class RunConfig(_Frozen):
     template: PromptTemplate = PromptTemplate()
     policy: PolicyConfig = PolicyConfig()
     judge: JudgeConfig = JudgeConfig()
+    local: LocalConfig = LocalConfig()
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(6, ge=0)
     on_bad_record: Literal["error", "skip"] = "error"
@@ -142,6 +154,9 @@ class RunConfig(_Frozen):
             else:
                 kind = "local"
             policy = policy.model_copy(update={"backend": kind})
+        if policy.backend == "local" and "tokens_to_generate" not in policy.sampling.model_fields_set:
+            sampling = policy.sampling.model_copy(update={"tokens_to_generate": LOCAL_TOKENS_TO_GENERATE})
+            policy = policy.model_copy(update={"sampling": sampling})
         if policy.backend == "nemo":
             policy = policy.model_copy(update={"host": policy.host or "localhost", "port": policy.port or 5656})
         elif policy.backend in ("openai-completions", "openai-chat") and not policy.url:

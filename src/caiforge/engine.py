@@ -276,7 +276,9 @@ class Engine:
         replies: list[str] = []
         for attempt in range(self.s.parse_retries + 1):
             seed = self.s.seed + attempt  # same seed, same answer: vary it to get another
-            reply = await self._call("judge", self.judge_limiter, lambda s=seed: judge.chat(messages, s))
+            reply = await self._call(
+                "judge", self.judge_limiter, lambda s=seed: judge.chat(messages, seed=s, n_candidates=len(candidates))
+            )
             self._count_tokens("judge", reply)
             try:
                 decision = parse_decision(reply.text, len(candidates))

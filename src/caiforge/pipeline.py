@@ -18,14 +18,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, bundled
 from .backends import make_judge, make_policy
+from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
 from .engine import Engine, EngineSettings, Stats
 from .errors import InputError, RunAborted
 from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
 from .keys import sha256_text
-from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_dataset, write_failures, write_json
+from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_atomic, write_dataset, write_failures, write_json
 from .progress import Progress
 from .store import DB_NAME, Failure, Store
 
@@ -38,6 +39,7 @@ class RunResult:
     stats: Stats
     elapsed: float
     manifest: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def pairs(self) -> int:
@@ -65,6 +67,7 @@ class RunResult:
             if tin or tout:
                 lines.append(f"  {role} tokens: {tin:,} in, {tout:,} out")
         lines.append(f"  output: {self.output_dir}")
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -97,12 +100,8 @@ class Inputs:
 
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Read and check every input file; raises InputError before any request is sent."""
-    if cfg.prompts_path is None:
-        raise InputError("no prompts: pass --red-teaming-file-path FILE (red-team JSON/JSONL, .txt or .csv)")
-    if cfg.constitution_path is None:
-        raise InputError("no constitution: pass --sys-prompt-constitution-file-path FILE")
-    records, bad = read_prompts(cfg.prompts_path, cfg.on_bad_record)
-    constitution = read_constitution(cfg.constitution_path)
+    records, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
+    constitution = read_constitution(cfg.constitution_path or bundled.path(bundled.CONSTITUTION))
     if cfg.blend_with is not None:
         for spec in cfg.blend_with.splits.values():
             for path in spec["prompts"]:
@@ -111,6 +110,13 @@ def load_inputs(cfg: RunConfig) -> Inputs:
                 check_jsonl(path, "blend comparisons", even_lines=True)
     unique = list(dict.fromkeys(r.text for r in records))
     return Inputs(unique, len(records), bad, constitution)
+
+
+def run_warnings(cfg: RunConfig) -> list[str]:
+    """What every reader of this run must be told, in the summary, the manifest and the dataset card."""
+    if cfg.judge.backend == "local" and cfg.local.model_path is None:
+        return [TOY_JUDGE_WARNING]
+    return []
 
 
 async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
@@ -173,9 +179,12 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             "attempt": store.attempt,
             "database": DB_NAME,
         }
+        warnings = run_warnings(cfg)
+        manifest["warnings"] = warnings
         write_json(cfg.output_dir / MANIFEST_FILE, manifest, indent=2)
+        write_atomic(cfg.output_dir / "README.md", dataset_card(manifest, warnings))
         status = "finished"
-        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest)
+        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest, warnings)
     finally:
         store.end_attempt(status, engine.stats.as_dict())
         store.close()

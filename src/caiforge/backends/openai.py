@@ -122,7 +122,7 @@ class OpenAIJudge:
             "max_tokens": j.max_tokens,
         }
 
-    async def chat(self, messages: list[dict[str, str]], seed: int) -> Completion:
+    async def chat(self, messages: list[dict[str, str]], *, seed: int, n_candidates: int) -> Completion:
         j = self._cfg
         payload = {
             "model": j.model,
