@@ -1,0 +1,117 @@
+"""Cost of caiforge's local backend over plain llama-cpp-python, and the wall time of the default run.
+
+Both sides generate the same responses (same model file, prompts, temperatures, seeds, max tokens, threads);
+the backend side goes through the whole engine (limiter, retries, store commits, worker thread). The target is
+an overhead under 10% in tokens/s. Run alone on the machine: llama.cpp is CPU-bound and anything else running
+skews both sides.
+
+    .venv/bin/python bench/local_backend.py [--prompts 12] [--max-tokens 64] [--default-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from caiforge import build_config
+from caiforge.backends.local import LocalPolicy, default_model_path, default_threads
+from caiforge.bundled import PROMPTS, path
+from caiforge.engine import Engine, EngineSettings
+from caiforge.inputs import read_prompts
+from caiforge.store import Store
+
+TEMPS = (0.01, 0.51, 1.01, 1.51)
+
+
+def plain(prompts: list[str], max_tokens: int, seeds: dict[tuple[str, float], int], threads: int) -> tuple[int, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(default_model_path()), n_ctx=4096, n_threads=threads, verbose=False)
+    tokens, started = 0, time.perf_counter()
+    for prompt in prompts:
+        for t in TEMPS:
+            out = llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}],
+                temperature=t,
+                top_p=0.95,
+                top_k=50,
+                repeat_penalty=1.0,
+                max_tokens=max_tokens,
+                seed=seeds[(prompt, t)],
+            )
+            tokens += out["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - started
+
+
+def backend(prompts: list[str], max_tokens: int, threads: int) -> tuple[int, float, LocalPolicy]:
+    cfg = build_config(
+        {"policy": {"backend": "local", "sampling": {"tokens_to_generate": max_tokens}}, "local": {"threads": threads}}
+    )
+    policy = LocalPolicy(cfg)
+    settings = EngineSettings(
+        temperatures=TEMPS,
+        constitution="",
+        constitution_sha256="",
+        seed=cfg.seed,
+        max_retries=0,
+        parse_retries=0,
+        policy_concurrency=1,
+        judge_concurrency=1,
+    )
+
+    async def go() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = Engine(policy, None, Store(Path(tmp) / "bench.db"), settings)
+            started = time.perf_counter()
+            await asyncio.gather(*(engine.generate(p, t) for p in prompts for t in TEMPS))
+            elapsed = time.perf_counter() - started
+            return elapsed, engine.stats.tokens["policy_completion"]
+
+    elapsed, tokens = asyncio.run(go())
+    return tokens, elapsed, policy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--default-run", action="store_true", help="also time `caiforge run` on the bundled defaults")
+    args = ap.parse_args()
+    prompts = [r.text for r in read_prompts(path(PROMPTS))[0][: args.prompts]]
+    rows = []
+    for _ in range(args.repeat):
+        b_tokens, b_time, policy = backend(prompts, args.max_tokens, args.threads)
+        seeds = {(p, t): policy._seed(p, t) for p in prompts for t in TEMPS}
+        p_tokens, p_time = plain(prompts, args.max_tokens, seeds, args.threads)
+        rows.append((p_tokens / p_time, b_tokens / b_time, p_tokens, b_tokens))
+    plain_tps = max(r[0] for r in rows)
+    backend_tps = max(r[1] for r in rows)
+    result = {
+        "generations": len(prompts) * len(TEMPS),
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "plain_tokens_per_s": round(plain_tps, 1),
+        "backend_tokens_per_s": round(backend_tps, 1),
+        "overhead_pct": round(100 * (1 - backend_tps / plain_tps), 1),
+        "same_tokens": all(r[2] == r[3] for r in rows),
+    }
+    if args.default_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "caiforge", "run", "--quiet"], cwd=tmp, check=True, stdout=subprocess.DEVNULL
+            )
+            result["default_run_wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
