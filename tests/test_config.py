@@ -373,3 +373,35 @@ def test_blend_with_flag_is_parsed_and_checked_against_the_splits():
     assert cfg.blend_with.splits["train"]["comparisons"] == (Path("c.jsonl"),)
     with pytest.raises(InputError, match="--blend-with must name exactly the splits"):
         cli_config("--blend-with", blend)  # default splits are train and test
+
+
+def test_every_run_flag_reaches_the_config():
+    """A flag that parses but maps to nothing would be silently ignored: every dest must be handled."""
+    from caiforge.cli import FLAT, SAMPLING, SPECIAL, TEMPLATE, parser
+
+    run = next(a for a in parser()._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    dests = {action.dest for action in run._actions if action.dest != "help"}
+    handled = set(FLAT) | set(SAMPLING) | set(TEMPLATE) | set(SPECIAL)
+    assert dests - handled == set()
+
+
+@pytest.mark.parametrize(
+    ("flags", "path", "expected"),
+    [
+        (["--judge-rpm", "40"], ("judge", "rpm"), 40.0),
+        (["--policy-rpm", "600"], ("policy", "rpm"), 600.0),
+        (["--max-failure-rate", "0.9"], ("max_failure_rate",), 0.9),
+        (["--retry-backoff", "0.01"], ("retry_backoff",), 0.01),
+        (["--fixed-concurrency"], ("adaptive_concurrency",), False),
+        (["--local-threads", "3"], ("local", "threads"), 3),
+        (["--judge-parse-retries", "0"], ("judge", "parse_retries"), 0),
+    ],
+)
+def test_resilience_flags_map_onto_the_config(flags, path, expected):
+    from caiforge.cli import config_from_args, parser
+
+    cfg, _ = config_from_args(parser().parse_args(["run", *flags]))
+    value = cfg
+    for part in path:
+        value = getattr(value, part)
+    assert value == expected

@@ -139,6 +139,27 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
     net.add_argument("--max-retries", type=int, default=s, help="retries on 429/5xx/timeouts (default 6)")
+    net.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=s,
+        help="seconds; retry n waits a random time up to this x 2^(n-1), or the server's Retry-After",
+    )
+    net.add_argument("--policy-rpm", type=float, default=s, help="cap policy requests per minute, evenly spaced")
+    net.add_argument("--judge-rpm", type=float, default=s, help="cap judge requests per minute (NVIDIA: about 40)")
+    net.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=s,
+        help="stop when more than this share of the last 50 prompts failed (default 0.5; 1 = never)",
+    )
+    net.add_argument(
+        "--fixed-concurrency",
+        dest="adaptive_concurrency",
+        action="store_false",
+        default=s,
+        help="keep the concurrency limits fixed instead of adapting to 429s and latency",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -176,6 +197,11 @@ FLAT = {  # flag dest -> config path
     "temperatures": "temperatures",
     "request_timeout": "request_timeout",
     "max_retries": "max_retries",
+    "retry_backoff": "retry_backoff",
+    "max_failure_rate": "max_failure_rate",
+    "adaptive_concurrency": "adaptive_concurrency",
+    "policy_rpm": "policy.rpm",
+    "judge_rpm": "judge.rpm",
     "policy_backend": "policy.backend",
     "policy_url": "policy.url",
     "policy_model": "policy.model",
@@ -202,6 +228,7 @@ SAMPLING = (
     "greedy",
     "tokens_to_generate",
 )
+SPECIAL = ("config", "command", "fresh", "end_strings", "splits", "blend_with", "ngc_api_key", "temperature")
 TEMPLATE = (
     "user_format",
     "assistant_format",
@@ -213,9 +240,8 @@ TEMPLATE = (
 )
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
-    given = vars(args)
-    data: dict[str, Any] = load_yaml(given["config"]) if "config" in given else {}
+def _apply_flags(data: dict[str, Any], given: dict[str, Any]) -> None:
+    """Lay the flags that were given over the YAML settings."""
     for dest, path in FLAT.items():
         if dest in given:
             _set(data, path, given[dest])
@@ -234,7 +260,19 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     key = given.get("ngc_api_key") or os.environ.get("NGC_API_KEY")
     if key:
         _set(data, "judge.api_key", key)
-    return build_config(data), bool(given.get("fresh", False))
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
+    """Defaults < YAML file (``--config``) < flags; one validated config, or an InputError."""
+    given = vars(args)
+    data: dict[str, Any] = load_yaml(given["config"]) if "config" in given else {}
+    try:
+        _apply_flags(data, given)
+        return build_config(data), bool(given.get("fresh", False))
+    except InputError as exc:
+        if "config" in given and not str(exc).startswith("--"):  # the problem may be in the file: say which
+            raise InputError(f"{given['config']}: {exc}") from exc
+        raise
 
 
 def _init(directory: Path, force: bool) -> int:

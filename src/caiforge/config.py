@@ -62,6 +62,7 @@ class PolicyConfig(_Frozen):
     port: int | None = Field(None, ge=1, le=65535)
     batch_size: int = Field(128, ge=1)
     concurrency: int | None = Field(None, ge=1)
+    rpm: float | None = Field(None, gt=0)
     api_key: SecretStr | None = None
     sampling: Sampling = Sampling()
 
@@ -74,6 +75,7 @@ class JudgeConfig(_Frozen):
     model: str = DEFAULT_JUDGE_MODEL
     api_key: SecretStr | None = None
     concurrency: int = Field(32, ge=1)
+    rpm: float | None = Field(None, gt=0)
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -114,6 +116,9 @@ class RunConfig(_Frozen):
     local: LocalConfig = LocalConfig()
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    retry_backoff: float = Field(0.5, ge=0.0)  # seconds; the n-th retry waits up to retry_backoff * 2**(n-1)
+    max_failure_rate: float = Field(0.5, gt=0.0, le=1.0)
+    adaptive_concurrency: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     quiet: bool = False
 
@@ -196,7 +201,7 @@ def literal(text: str, flag: str) -> Any:
     """Parse a Python/JSON literal typed by the user (never model output), as the seed's flags expect."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
         raise InputError(f"{flag}: not a valid literal: {text!r} ({exc.__class__.__name__})") from exc
 
 
@@ -208,7 +213,10 @@ def parse_splits(text: str) -> dict[str, float]:
         raise InputError(
             f"--splits: expected a dict of split name to ratio, e.g. \"{{'train': 0.8, 'test': 0.2}}\", got {text!r}"
         )
-    return {k: float(v) for k, v in value.items()}
+    try:
+        return {k: float(v) for k, v in value.items()}
+    except OverflowError as exc:
+        raise InputError(f"--splits: a ratio is too large: {text[:80]!r}") from exc
 
 
 def parse_blend_with(text: str) -> BlendSpec:
@@ -224,6 +232,8 @@ def parse_blend_with(text: str) -> BlendSpec:
     for split, blend in value.items():
         if split == "name":
             continue
+        if not isinstance(split, str):
+            raise InputError(f"--blend-with: split names must be strings, got {split!r}")
         if not isinstance(blend, dict) or set(blend) != {"prompts", "comparisons"}:
             raise InputError(f"--blend-with: split {split!r} must have exactly the keys 'prompts' and 'comparisons'")
         entry: dict[str, tuple[Path, ...]] = {}
@@ -233,7 +243,10 @@ def parse_blend_with(text: str) -> BlendSpec:
                 raise InputError(f"--blend-with: {split}.{kind} must be a path or a non-empty list of paths")
             entry[kind] = tuple(Path(f) for f in files)
         splits[split] = entry
-    return BlendSpec(name=name, splits=splits)  # type: ignore[arg-type]
+    try:
+        return BlendSpec(name=name, splits=splits)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise InputError(f"--blend-with: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
 
 
 def build_config(data: dict[str, Any]) -> RunConfig:
@@ -250,12 +263,16 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    from .inputs import read_text  # late: inputs imports nothing from here, but keep the graph one-way
+
+    text = read_text(path, "config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}:{where} invalid YAML: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ a rerun with the same settings sends nothing that already finished.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from collections import Counter
@@ -21,45 +22,16 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from .backends import Completion, JudgeBackend, PolicyBackend
 from .candidates import generation_key
-from .errors import BackendError, BadModelOutput, RateLimited, TransientError
+from .errors import BackendError, BadModelOutput, RateLimited, RunAborted, TransientError
 from .judge import judge_messages, parse_decision
 from .keys import content_key
+from .limits import Aimd, Limiter, Pacer
 from .progress import Progress
 from .store import Failure, Generation, Judgment, Store
 
 K = TypeVar("K")
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Limiter:
-    """How many requests one endpoint may have in flight; ``limit`` may change while running."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self.in_flight = 0
-        self.peak = 0
-        self._cond = asyncio.Condition()
-
-    @property
-    def limit(self) -> int:
-        return self._limit
-
-    async def set_limit(self, limit: int) -> None:
-        async with self._cond:
-            self._limit = max(1, limit)
-            self._cond.notify_all()
-
-    async def __aenter__(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight < self._limit)
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-
-    async def __aexit__(self, *exc: object) -> None:
-        async with self._cond:
-            self.in_flight -= 1
-            self._cond.notify()
 
 
 class Batcher(Generic[K, T, R]):
@@ -145,7 +117,7 @@ class Stats:
     cached: Counter[str] = field(default_factory=Counter)  # answered from the store
     tokens: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)  # by "stage: reason"
-    peak_in_flight: dict[str, int] = field(default_factory=dict)
+    concurrency: dict[str, dict[str, int]] = field(default_factory=dict)  # per role: where AIMD settled
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -154,7 +126,7 @@ class Stats:
             "cached": dict(self.cached),
             "tokens": dict(self.tokens),
             "failures": dict(self.failures),
-            "peak_in_flight": self.peak_in_flight,
+            "concurrency": self.concurrency,
         }
 
 
@@ -168,6 +140,11 @@ class EngineSettings:
     parse_retries: int
     policy_concurrency: int
     judge_concurrency: int
+    policy_rpm: float | None = None
+    judge_rpm: float | None = None
+    adaptive: bool = True
+    max_failure_rate: float = 1.0
+    failure_window: int = 50  # the rate is over the last this many prompts, once at least 20 finished
     linger: float = 0.02
     backoff_base: float = 0.5
     backoff_max: float = 60.0
@@ -196,15 +173,17 @@ class Engine:
         self.policy, self.judge, self.store, self.s = policy, judge, store, settings
         self.progress = progress or Progress({}, quiet=True)
         self.stats = Stats()
-        self.policy_limiter = Limiter(settings.policy_concurrency)
-        self.judge_limiter = Limiter(settings.judge_concurrency)
+        self.limiters = {"policy": Limiter(settings.policy_concurrency), "judge": Limiter(settings.judge_concurrency)}
+        self.aimd = {role: Aimd(lim, lim.limit) for role, lim in self.limiters.items()} if settings.adaptive else {}
+        self.pacers = {"policy": Pacer(settings.policy_rpm), "judge": Pacer(settings.judge_rpm)}
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=settings.failure_window)
         self.policy_identity = policy.identity() if policy else {}
         self.judge_identity = judge.identity() if judge else {}
         self._batcher: Batcher[float, str, Completion | BadModelOutput] | None = None
         if policy is not None:
 
             async def send(temperature: float, prompts: list[str]) -> list[Completion | BadModelOutput]:
-                return await self._call("policy", self.policy_limiter, lambda: policy.generate(prompts, temperature))
+                return await self._call("policy", lambda: policy.generate(prompts, temperature))
 
             self._batcher = Batcher(policy.max_batch_size, settings.policy_concurrency, settings.linger, send)
         self._jitter = random.Random(settings.seed)
@@ -217,13 +196,24 @@ class Engine:
         ceiling = min(self.s.backoff_max, self.s.backoff_base * 2 ** (state.attempt_number - 1))
         return self._jitter.uniform(0, ceiling)  # full jitter
 
-    async def _call(self, role: str, limiter: Limiter, fn: Callable[[], Awaitable[R]]) -> R:
-        """One request under the endpoint's limit, retried on transient errors with backoff outside it."""
+    async def _call(self, role: str, fn: Callable[[], Awaitable[R]]) -> R:
+        """One request under the endpoint's pace and limit, retried on transient errors with backoff outside it."""
+        limiter, aimd, pacer = self.limiters[role], self.aimd.get(role), self.pacers[role]
 
         async def once() -> R:
+            await pacer.wait()
             async with limiter:
                 self.stats.requests[role] += 1
-                return await fn()
+                started = time.monotonic()
+                try:
+                    result = await fn()
+                except RateLimited:
+                    if aimd:
+                        aimd.on_rate_limited()
+                    raise
+                if aimd:
+                    aimd.on_success(time.monotonic() - started)
+                return result
 
         def before_sleep(state: RetryCallState) -> None:
             self.stats.retries[role] += 1
@@ -276,9 +266,7 @@ class Engine:
         replies: list[str] = []
         for attempt in range(self.s.parse_retries + 1):
             seed = self.s.seed + attempt  # same seed, same answer: vary it to get another
-            reply = await self._call(
-                "judge", self.judge_limiter, lambda s=seed: judge.chat(messages, seed=s, n_candidates=len(candidates))
-            )
+            reply = await self._call("judge", lambda s=seed: judge.chat(messages, seed=s, n_candidates=len(candidates)))
             self._count_tokens("judge", reply)
             try:
                 decision = parse_decision(reply.text, len(candidates))
@@ -300,6 +288,19 @@ class Engine:
         assert error is not None
         raise type(error)(f"{error} (after {len(replies)} attempts; last reply: {replies[-1][:300]!r})")
 
+    def _concurrency(self, role: str) -> dict[str, int]:
+        if role in self.aimd:
+            return self.aimd[role].report()
+        lim = self.limiters[role]
+        return {
+            "limit": lim.limit,
+            "highest": lim.limit,
+            "lowest": lim.limit,
+            "ceiling": lim.limit,
+            "decreases": 0,
+            "peak_in_flight": lim.peak,
+        }
+
     def _count_tokens(self, role: str, completion: Completion) -> None:
         self.stats.tokens[f"{role}_prompt"] += completion.prompt_tokens or 0
         self.stats.tokens[f"{role}_completion"] += completion.completion_tokens or 0
@@ -308,6 +309,21 @@ class Engine:
     def _fail(self, prompt: str, stage: str, exc: BackendError) -> None:
         self.store.put_failure(Failure(prompt, stage, exc.reason, str(exc)))
         self.stats.failures[f"{stage}: {exc.reason}"] += 1
+        self._outcome(False)
+
+    def _outcome(self, ok: bool) -> None:
+        """Stop a run that is failing wholesale (a dead server, a wrong key) instead of burning the input."""
+        self._outcomes.append(ok)
+        failed = self._outcomes.count(False)
+        if len(self._outcomes) >= min(20, self.s.failure_window) and failed / len(self._outcomes) > (
+            self.s.max_failure_rate
+        ):
+            top = ", ".join(f"{reason} ({n})" for reason, n in self.stats.failures.most_common(3))
+            raise RunAborted(
+                f"stopped: {failed} of the last {len(self._outcomes)} prompts failed, above --max-failure-rate "
+                f"{self.s.max_failure_rate:g}; most common: {top}. Finished work is kept: fix the cause, then "
+                "Rerun the same command to continue."
+            )
 
     async def _process(self, prompt: str) -> None:
         results = await asyncio.gather(*(self.generate(prompt, t) for t in self.s.temperatures), return_exceptions=True)
@@ -316,14 +332,17 @@ class Engine:
                 raise result
         errors = [r for r in results if isinstance(r, BackendError)]
         if errors:
-            self._fail(prompt, "candidates", errors[0])
             self.progress.advance("judge")
+            self._fail(prompt, "candidates", errors[0])
             return
         try:
             await self.judge_prompt(prompt, [str(r) for r in results])
         except BackendError as exc:
+            self.progress.advance("judge")
             self._fail(prompt, "judge", exc)
+            return
         self.progress.advance("judge")
+        self._outcome(True)
 
     async def run(self, prompts: list[str]) -> Stats:
         """Process every prompt; each ends in the store as a judgment or a recorded failure."""
@@ -343,7 +362,7 @@ class Engine:
         def done(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
             if not task.cancelled() and task.exception() is not None:
-                crashed.append(task.exception())  # a bug, not a bad response: stop the run, loudly
+                crashed.append(task.exception())  # a bug or RunAborted, not a bad response: stop, loudly
 
         try:
             for prompt in prompts:
@@ -361,8 +380,8 @@ class Engine:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
             if self._batcher is not None:
                 await self._batcher.aclose()
+            self.stats.concurrency = {role: self._concurrency(role) for role in self.limiters}
         if crashed:
             raise crashed[0]
-        self.stats.peak_in_flight = {"policy": self.policy_limiter.peak, "judge": self.judge_limiter.peak}
         self.elapsed = time.monotonic() - started
         return self.stats

@@ -122,6 +122,8 @@ def _json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+        except (ValueError, RecursionError) as exc:  # 5000-digit numbers, pathological nesting
+            raise InputError(f"{path}:{line_at(pos)}: invalid JSON: {str(exc)[:100]}") from exc
         line += text.count("\n", counted, pos)
         counted = pos
         yield line, obj
@@ -233,8 +235,9 @@ def check_jsonl(path: Path, what: str, even_lines: bool = False) -> int:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: invalid JSON in {what} file: {exc.msg}") from exc
+        except (ValueError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)[:100]
+            raise InputError(f"{path}:{number}: invalid JSON in {what} file: {msg}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f"{path}:{number}: {what} line must be an object with a string 'text' field")
     if not lines:

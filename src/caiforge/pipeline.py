@@ -59,9 +59,12 @@ class RunResult:
         else:
             lines.append("  failures: 0")
         for role in ("policy", "judge"):
+            conc = s.concurrency.get(role, {})
             lines.append(
                 f"  {role} requests: {s.requests[role]} sent, {s.retries[role]} retried, "
-                f"{s.cached[role]} reused from {DB_NAME}, peak {s.peak_in_flight.get(role, 0)} in flight"
+                f"{s.cached[role]} reused from {DB_NAME}; concurrency settled at {conc.get('limit', 0)} "
+                f"(lowest {conc.get('lowest', 0)}, ceiling {conc.get('ceiling', 0)}, "
+                f"peak {conc.get('peak_in_flight', 0)} in flight)"
             )
             tin, tout = s.tokens[f"{role}_prompt"], s.tokens[f"{role}_completion"]
             if tin or tout:
@@ -133,6 +136,11 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         parse_retries=cfg.judge.parse_retries,
         policy_concurrency=cfg.policy.concurrency or policy.default_concurrency,
         judge_concurrency=cfg.judge.concurrency,
+        policy_rpm=cfg.policy.rpm,
+        judge_rpm=cfg.judge.rpm,
+        adaptive=cfg.adaptive_concurrency,
+        max_failure_rate=cfg.max_failure_rate,
+        backoff_base=cfg.retry_backoff,
     )
     store = Store.open(cfg.output_dir, fresh=fresh)
     store.begin_attempt(cfg.public_dict())
