@@ -115,7 +115,7 @@ class RunConfig(_Frozen):
     judge: JudgeConfig = JudgeConfig()
     local: LocalConfig = LocalConfig()
     request_timeout: float = Field(300.0, gt=0)
-    max_retries: int = Field(6, ge=0)
+    max_retries: int = Field(8, ge=0)
     retry_backoff: float = Field(0.5, ge=0.0)  # seconds; the n-th retry waits up to retry_backoff * 2**(n-1)
     max_failure_rate: float = Field(0.5, gt=0.0, le=1.0)
     adaptive_concurrency: bool = True

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from .backends import Completion, JudgeBackend, PolicyBackend
 from .candidates import generation_key
@@ -196,6 +196,14 @@ class Engine:
         ceiling = min(self.s.backoff_max, self.s.backoff_base * 2 ** (state.attempt_number - 1))
         return self._jitter.uniform(0, ceiling)  # full jitter
 
+    def _stop(self, state: RetryCallState) -> bool:
+        """Errors get ``max_retries``; a 429 is the server pacing us, not a failure, so it gets three times as
+        many (with backoff up to a minute, about an hour of waiting): a quota that never lifts still ends, as a
+        recorded failure and, across many prompts, as a --max-failure-rate stop."""
+        exc = state.outcome.exception() if state.outcome else None
+        budget = self.s.max_retries * (3 if isinstance(exc, RateLimited) else 1)
+        return state.attempt_number > budget
+
     async def _call(self, role: str, fn: Callable[[], Awaitable[R]]) -> R:
         """One request under the endpoint's pace and limit, retried on transient errors with backoff outside it."""
         limiter, aimd, pacer = self.limiters[role], self.aimd.get(role), self.pacers[role]
@@ -219,7 +227,7 @@ class Engine:
             self.stats.retries[role] += 1
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.s.max_retries + 1),
+            stop=self._stop,
             wait=self._wait,
             retry=retry_if_exception_type(TransientError),
             before_sleep=before_sleep,
