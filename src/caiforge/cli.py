@@ -138,7 +138,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
-    net.add_argument("--max-retries", type=int, default=s, help="retries on 5xx, timeouts, resets, bad bodies (default 8; x3 for 429)")
+    net.add_argument(
+        "--max-retries",
+        type=int,
+        default=s,
+        help="retries on 5xx, timeouts, resets, bad bodies (default 8; x3 for 429)",
+    )
     net.add_argument(
         "--retry-backoff",
         type=float,
