@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from caiforge.errors import InputError
-from caiforge.inputs import BadRecord, PromptRecord, check_jsonl, read_constitution, read_prompts
+from caiforge.inputs import BadRecord, PromptRecord, check_jsonl, first_human_turn, read_constitution, read_prompts
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE_JSONL = DATA / "red_team_attempts.sample.jsonl"
@@ -356,3 +356,28 @@ def test_an_unreadable_file_is_an_input_error(tmp_path):
     path.chmod(0)
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: cannot read prompts file"):
         read_prompts(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), suffix=st.sampled_from([".jsonl", ".json", ".txt", ".csv", ".jsonl.gz"]))
+def test_any_bytes_either_read_or_give_an_input_error(tmp_path, data, suffix):
+    """Fuzz: whatever the file holds, the reader answers with prompts or one InputError, never a crash."""
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data)
+    for mode in ("error", "skip"):
+        try:
+            records, _bad = read_prompts(path, on_bad_record=mode)
+        except InputError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert records and all(r.text == r.text.strip() and r.text for r in records)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    human=st.text(min_size=1).filter(lambda s: "Human:" not in s and "Assistant:" not in s and s.strip()),
+    reply=st.text(),
+)
+def test_the_prompt_is_the_first_human_turn(human, reply):
+    transcript = f"\n\nHuman: {human}\n\nAssistant: {reply}\n\nHuman: a second turn\n\nAssistant: more"
+    assert first_human_turn(transcript) == human.strip()
