@@ -374,3 +374,13 @@ def test_seed_python_functions_keep_their_signatures(fake, tmp_path, constitutio
     assert pref["chosen"] == min(responses.values(), key=harm)
     fake.config.judge_style = "same"
     assert generate_ai_preference(rows[0], "", "c", 1, f"{fake.url}/v1", "fake-judge") is None
+
+
+def test_fresh_starts_over(run_cli, fake, tmp_path, constitution):
+    first = run_basic(run_cli, fake, tmp_path, constitution)
+    assert first.code == 0
+    sent = len(fake.requests)
+    fresh = run_basic(run_cli, fake, tmp_path, constitution, "--fresh")
+    assert fresh.code == 0
+    assert len(fake.requests) == 2 * sent
+    assert fresh.json("manifest.json")["stats"]["cached"] == {}
