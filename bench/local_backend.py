@@ -56,8 +56,7 @@ def backend(prompts: list[str], max_tokens: int, threads: int) -> tuple[int, flo
     policy = LocalPolicy(cfg)
     settings = EngineSettings(
         temperatures=TEMPS,
-        constitution="",
-        constitution_sha256="",
+        judge=None,
         seed=cfg.seed,
         max_retries=0,
         parse_retries=0,

@@ -143,7 +143,7 @@ def test_judge_replies_wrapped_in_fences_or_prose_are_read(run_cli, fake, tmp_pa
 
 
 def test_judge_request_is_the_seeds(run_cli, fake, tmp_path, constitution):
-    run = run_basic(run_cli, fake, tmp_path, constitution, "--seed", "77")
+    run = run_basic(run_cli, fake, tmp_path, constitution, "--seed", "77", "--judge-layout", "seed")
     assert run.code == 0
     judge = [r.body for r in fake.requests if "FULL TEXT" in json.dumps(r.body)]
     assert len(judge) == 10

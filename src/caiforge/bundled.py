@@ -13,6 +13,7 @@ from .errors import InputError
 
 PROMPTS = "red_team_prompts.jsonl"
 CONSTITUTION = "constitution.txt"
+PRINCIPLES = "principles.yaml"
 
 
 def path(name: str) -> Path:

@@ -126,6 +126,33 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     jg.add_argument("--judge-concurrency", type=int, default=s)
     jg.add_argument("--judge-max-tokens", type=int, default=s)
     jg.add_argument(
+        "--judge-mode",
+        choices=("whole", "principle", "principle-cot"),
+        default=s,
+        help="whole: the seed's multiple choice over the whole constitution (default); principle: the CAI paper's "
+        "pairwise (A)/(B) under one sampled principle, soft labels from log-probabilities",
+    )
+    jg.add_argument(
+        "--judge-passes",
+        type=int,
+        choices=(1, 2),
+        default=s,
+        help="2: ask again with the order reversed and keep only pairs where both passes agree",
+    )
+    jg.add_argument(
+        "--judge-layout",
+        choices=("caiforge", "seed"),
+        default=s,
+        help="caiforge: seeded random order, candidates quoted between unpredictable markers (default); "
+        "seed: NeMo-Aligner's prompt byte for byte",
+    )
+    jg.add_argument(
+        "--judge-structured",
+        choices=("auto", "off"),
+        default=s,
+        help="auto: request a JSON schema of valid decisions, falling back when the server refuses it",
+    )
+    jg.add_argument(
         "--judge-parse-retries",
         type=int,
         default=s,
@@ -220,6 +247,10 @@ FLAT = {  # flag dest -> config path
     "judge_concurrency": "judge.concurrency",
     "judge_max_tokens": "judge.max_tokens",
     "judge_parse_retries": "judge.parse_retries",
+    "judge_mode": "judge.mode",
+    "judge_passes": "judge.passes",
+    "judge_layout": "judge.layout",
+    "judge_structured": "judge.structured",
     "local_model": "local.model_path",
     "local_threads": "local.threads",
 }

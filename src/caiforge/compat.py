@@ -16,8 +16,8 @@ from .config import build_config
 from .engine import Engine, EngineSettings
 from .errors import BadModelOutput
 from .inputs import read_prompts
-from .keys import sha256_text
 from .store import Store
+from .verdicts import JudgeSpec
 
 SAMPLING_KEYS = (
     "add_bos",
@@ -33,10 +33,10 @@ SAMPLING_KEYS = (
 
 
 def _settings(temperatures: tuple[float, ...], constitution: str, seed: int, concurrency: int) -> EngineSettings:
+    """The seed's judging: its layout, fixed order, one pass, plain-text decisions."""
     return EngineSettings(
         temperatures=temperatures,
-        constitution=constitution,
-        constitution_sha256=sha256_text(constitution),
+        judge=JudgeSpec(constitution=constitution, seed=seed, layout="seed", structured=False),
         seed=seed,
         max_retries=6,
         parse_retries=3,
@@ -107,12 +107,12 @@ def generate_ai_preference(
         judge = make_judge(cfg)
         engine = Engine(None, judge, Store(Path(":memory:")), _settings((0.0, 1.0), system_prompt, seed, 1))
         try:
-            decision = await engine.judge_prompt(prompt, candidates)
+            verdict = await engine.verdict(prompt, candidates)
         except BadModelOutput:
             return None
         finally:
             await judge.aclose()
-        chosen, rejected = decision.chosen - 1, decision.rejected - 1
+        chosen, rejected = verdict.chosen, verdict.rejected
         return {
             "prompt": prompt,
             "chosen": candidates[chosen],
@@ -120,7 +120,7 @@ def generate_ai_preference(
             "raw": {
                 "chosen_response_key": keys[chosen],
                 "rejected_response_key": keys[rejected],
-                "explanation": decision.explanation,
+                "explanation": verdict.explanation,
                 "all_responses": {k: sample[k] for k in keys},
             },
         }

@@ -80,6 +80,10 @@ class JudgeConfig(_Frozen):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(0.0, ge=0.0, le=1.0)
     parse_retries: int = Field(3, ge=0)
+    mode: Literal["whole", "principle", "principle-cot"] = "whole"
+    passes: int = Field(1, ge=1, le=2)
+    layout: Literal["caiforge", "seed"] = "caiforge"
+    structured: Literal["auto", "off"] = "auto"
 
 
 class LocalConfig(_Frozen):

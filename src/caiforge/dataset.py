@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .candidates import candidate_key
@@ -24,20 +24,40 @@ class Pair:
     chosen_t: float
     rejected_t: float
     explanation: str
+    order_t: tuple[float, ...] = ()  # temperatures in the order the judge saw them
+    chosen_position: int | None = None
+    rejected_position: int | None = None
+    consistent: bool | None = None
+    chosen_prob: float | None = None
+    principle: str | None = None
+    merged: dict[float, list[float]] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
-        """One entry of the seed's ``cai_preference_dataset.json``."""
-        return {
+        """One entry of the seed's ``cai_preference_dataset.json``, plus what the judge saw (in ``raw``)."""
+        raw: dict[str, Any] = {
+            "chosen_response_key": candidate_key(self.chosen_t),
+            "rejected_response_key": candidate_key(self.rejected_t),
+            "explanation": self.explanation,
+            "all_responses": {candidate_key(t): text for t, text in self.responses.items()},
+        }
+        if self.order_t:
+            raw["judge_order"] = [candidate_key(t) for t in self.order_t]
+            raw["chosen_position"], raw["rejected_position"] = self.chosen_position, self.rejected_position
+        if self.consistent is not None:
+            raw["consistent"] = self.consistent
+        if self.principle is not None:
+            raw["principle"] = self.principle
+        if self.merged:
+            raw["merged"] = {candidate_key(t): [candidate_key(m) for m in ms] for t, ms in self.merged.items()}
+        record = {
             "prompt": self.prompt,
             "chosen": self.responses[self.chosen_t],
             "rejected": self.responses[self.rejected_t],
-            "raw": {
-                "chosen_response_key": candidate_key(self.chosen_t),
-                "rejected_response_key": candidate_key(self.rejected_t),
-                "explanation": self.explanation,
-                "all_responses": {candidate_key(t): text for t, text in self.responses.items()},
-            },
+            "raw": raw,
         }
+        if self.chosen_prob is not None:
+            record["chosen_prob"] = self.chosen_prob
+        return record
 
 
 def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:

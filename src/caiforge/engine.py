@@ -23,11 +23,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from .backends import Completion, JudgeBackend, PolicyBackend
 from .candidates import generation_key
 from .errors import BackendError, BadModelOutput, RateLimited, RunAborted, TransientError
-from .judge import judge_messages, parse_decision
 from .keys import content_key
 from .limits import Aimd, Limiter, Pacer
 from .progress import Progress
-from .store import Failure, Generation, Judgment, Store
+from .store import Failure, Generation, Store
+from .verdicts import JudgeSpec, TooFewCandidates, Verdict, decide, verdict_key
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -133,8 +133,7 @@ class Stats:
 @dataclass(frozen=True)
 class EngineSettings:
     temperatures: tuple[float, ...]
-    constitution: str
-    constitution_sha256: str
+    judge: JudgeSpec | None
     seed: int
     max_retries: int
     parse_retries: int
@@ -148,17 +147,6 @@ class EngineSettings:
     linger: float = 0.02
     backoff_base: float = 0.5
     backoff_max: float = 60.0
-
-
-def judgment_key(prompt: str, candidates: list[str], settings: EngineSettings, judge: dict[str, Any]) -> str:
-    return content_key(
-        "judgment",
-        prompt=prompt,
-        candidates=candidates,
-        constitution=settings.constitution_sha256,
-        judge=judge,
-        seed=settings.seed,
-    )
 
 
 class Engine:
@@ -260,41 +248,49 @@ class Engine:
         return result.text
 
     # -- judge ------------------------------------------------------------------------------------------
-    async def judge_prompt(self, prompt: str, candidates: list[str]) -> Judgment:
-        """The judge's valid decision, retried with other seeds; raises BadModelOutput when there is none."""
-        key = judgment_key(prompt, candidates, self.s, self.judge_identity)
-        stored = self.store.get_judgment(key)
-        if stored is not None:
-            self.stats.cached["judge"] += 1
-            return stored
+    async def ask_judge(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        seed: int,
+        schema: dict[str, Any] | None,
+        logprobs: bool,
+        max_tokens: int | None,
+    ) -> Completion:
+        """One judge request, answered from the store when it was made before (replies are kept raw)."""
         judge = self.judge
         assert judge is not None
-        messages = judge_messages(self.s.constitution, prompt, candidates)
-        error: BadModelOutput | None = None
-        replies: list[str] = []
-        for attempt in range(self.s.parse_retries + 1):
-            seed = self.s.seed + attempt  # same seed, same answer: vary it to get another
-            reply = await self._call("judge", lambda s=seed: judge.chat(messages, seed=s, n_candidates=len(candidates)))
-            self._count_tokens("judge", reply)
-            try:
-                decision = parse_decision(reply.text, len(candidates))
-            except BadModelOutput as exc:
-                error = exc
-                replies.append(reply.text)
-                continue
-            judgment = Judgment(
-                decision.chosen,
-                decision.rejected,
-                decision.explanation,
-                reply.text,
-                attempt + 1,
-                reply.prompt_tokens,
-                reply.completion_tokens,
-            )
-            self.store.put_judgment(key, prompt, judgment)
-            return judgment
-        assert error is not None
-        raise type(error)(f"{error} (after {len(replies)} attempts; last reply: {replies[-1][:300]!r})")
+        key = content_key(
+            "judge-call",
+            messages=messages,
+            judge=self.judge_identity,
+            seed=seed,
+            schema=schema,
+            logprobs=logprobs,
+            max_tokens=max_tokens,
+        )
+        stored = self.store.get_call(key)
+        if stored is not None:
+            self.stats.cached["judge"] += 1
+            return Completion(stored[0], stored[2], stored[3], stored[1])
+        reply = await self._call(
+            "judge", lambda: judge.chat(messages, seed=seed, schema=schema, logprobs=logprobs, max_tokens=max_tokens)
+        )
+        self.store.put_call(key, reply.text, reply.top_logprobs, reply.prompt_tokens, reply.completion_tokens)
+        self._count_tokens("judge", reply)
+        return reply
+
+    async def verdict(self, prompt: str, candidates: list[str]) -> Verdict:
+        """The judge's verdict on one prompt's candidates; raises BackendError when there is none."""
+        spec = self.s.judge
+        assert spec is not None
+        key = verdict_key(prompt, candidates, spec, self.judge_identity)
+        stored = self.store.get_verdict(key)
+        if stored is not None:
+            return Verdict.from_json(stored)
+        verdict = await decide(self.ask_judge, spec, prompt, candidates)
+        self.store.put_verdict(key, prompt, verdict.to_json())
+        return verdict
 
     def _concurrency(self, role: str) -> dict[str, int]:
         if role in self.aimd:
@@ -344,10 +340,10 @@ class Engine:
             self._fail(prompt, "candidates", errors[0])
             return
         try:
-            await self.judge_prompt(prompt, [str(r) for r in results])
+            await self.verdict(prompt, [str(r) for r in results])
         except BackendError as exc:
             self.progress.advance("judge")
-            self._fail(prompt, "judge", exc)
+            self._fail(prompt, "candidates" if isinstance(exc, TooFewCandidates) else "judge", exc)
             return
         self.progress.advance("judge")
         self._outcome(True)

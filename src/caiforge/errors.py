@@ -55,6 +55,10 @@ class PermanentError(BackendError):
 
     reason = "permanent error"
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class BadModelOutput(BackendError):
     """The model answered but its text is unusable; retried with another seed, then recorded."""

@@ -18,9 +18,10 @@ from typing import Any
 from .candidates import candidate_record, generation_key
 from .config import RunConfig
 from .dataset import Pair, blend, format_pair, jsonl, nemo_split_files, split
-from .engine import EngineSettings, judgment_key
+from .engine import EngineSettings
 from .inputs import read_text
 from .store import Failure, Store
+from .verdicts import Verdict, verdict_key
 
 CANDIDATES_FILE = "cai_candidate_dataset.json"
 PREFERENCES_FILE = "cai_preference_dataset.json"
@@ -68,11 +69,26 @@ def collect(
             continue
         responses = {t: g.response for t, g in zip(temps, gens, strict=True) if g is not None}
         out.candidates.append(candidate_record(prompt, responses))
-        judgment = store.get_judgment(judgment_key(prompt, list(responses.values()), settings, judge_identity))
-        if judgment is None:
+        assert settings.judge is not None
+        stored = store.get_verdict(verdict_key(prompt, list(responses.values()), settings.judge, judge_identity))
+        if stored is None:
             continue
+        v = Verdict.from_json(stored)
         out.pairs.append(
-            Pair(prompt, responses, temps[judgment.chosen - 1], temps[judgment.rejected - 1], judgment.explanation)
+            Pair(
+                prompt,
+                responses,
+                temps[v.chosen],
+                temps[v.rejected],
+                v.explanation,
+                order_t=tuple(temps[i] for i in v.order),
+                chosen_position=v.chosen_position,
+                rejected_position=v.rejected_position,
+                consistent=v.consistent,
+                chosen_prob=v.chosen_prob,
+                principle=v.principle,
+                merged={temps[k]: [temps[m] for m in ms] for k, ms in v.merged.items()},
+            )
         )
     return out
 

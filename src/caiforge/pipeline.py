@@ -22,13 +22,16 @@ from . import __version__, bundled
 from .backends import make_judge, make_policy
 from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
+from .dataset import Pair
 from .engine import Engine, EngineSettings, Stats
 from .errors import InputError, RunAborted
 from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
 from .keys import sha256_text
 from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_atomic, write_dataset, write_failures, write_json
+from .principles import load_principles
 from .progress import Progress
 from .store import DB_NAME, Failure, Store
+from .verdicts import Inconsistent, JudgeSpec
 
 
 @dataclass
@@ -99,12 +102,17 @@ class Inputs:
     records: int  # good records read, duplicates included
     bad: list[BadRecord]
     constitution: str
+    principles: tuple[str, ...] = ()
 
 
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Read and check every input file; raises InputError before any request is sent."""
     records, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
-    constitution = read_constitution(cfg.constitution_path or bundled.path(bundled.CONSTITUTION))
+    principled = cfg.judge.mode != "whole"
+    default = bundled.PRINCIPLES if principled else bundled.CONSTITUTION
+    constitution_path = cfg.constitution_path or bundled.path(default)
+    constitution = read_constitution(constitution_path)
+    principles = tuple(load_principles(constitution, str(constitution_path))) if principled else ()
     if cfg.blend_with is not None:
         for spec in cfg.blend_with.splits.values():
             for path in spec["prompts"]:
@@ -112,7 +120,17 @@ def load_inputs(cfg: RunConfig) -> Inputs:
             for path in spec["comparisons"]:
                 check_jsonl(path, "blend comparisons", even_lines=True)
     unique = list(dict.fromkeys(r.text for r in records))
-    return Inputs(unique, len(records), bad, constitution)
+    return Inputs(unique, len(records), bad, constitution, principles)
+
+
+def consistency(pairs: list[Pair], failures: list[Failure], passes: int) -> dict[str, Any]:
+    """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
+    if passes < 2:
+        return {}
+    inconsistent = sum(1 for f in failures if f.reason == Inconsistent.reason)
+    agreed = sum(1 for p in pairs if p.consistent)
+    total = agreed + inconsistent
+    return {"consistency_rate": round(agreed / total, 4) if total else None, "inconsistent": inconsistent}
 
 
 def run_warnings(cfg: RunConfig) -> list[str]:
@@ -129,8 +147,17 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     policy, judge = make_policy(cfg), make_judge(cfg)
     settings = EngineSettings(
         temperatures=cfg.temperatures,
-        constitution=inputs.constitution,
-        constitution_sha256=sha256_text(inputs.constitution),
+        judge=JudgeSpec(
+            constitution=inputs.constitution,
+            seed=cfg.seed,
+            mode=cfg.judge.mode,
+            passes=cfg.judge.passes,
+            layout=cfg.judge.layout,
+            structured=cfg.judge.structured == "auto",
+            principles=inputs.principles,
+            parse_retries=cfg.judge.parse_retries,
+            max_tokens=cfg.judge.max_tokens,
+        ),
         seed=cfg.seed,
         max_retries=cfg.max_retries,
         parse_retries=cfg.judge.parse_retries,
@@ -172,6 +199,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             "pairs": sum(splits.values()),
             "splits": splits,
             "failures": len(failures),
+            **consistency(collected.pairs, failures, cfg.judge.passes),
         }
         manifest = {
             "caiforge": __version__,
@@ -179,7 +207,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             "counts": counts,
             "failures_by_reason": dict(Counter(f"{f.stage}: {f.reason}" for f in failures)),
             "stats": engine.stats.as_dict(),
-            "constitution_sha256": settings.constitution_sha256,
+            "constitution_sha256": sha256_text(inputs.constitution),
             "policy": engine.policy_identity,
             "judge": engine.judge_identity,
             "versions": _versions(),

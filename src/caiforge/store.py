@@ -43,23 +43,25 @@ def _m001_initial(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial]
+def _m002_judge_calls_and_verdicts(db: sqlite3.Connection) -> None:
+    """Judge replies are cached raw (re-parsed on resume); verdicts combine passes and modes."""
+    db.executescript(
+        """
+        DROP TABLE judgments;
+        CREATE TABLE judge_calls (
+            key TEXT PRIMARY KEY, reply TEXT NOT NULL, top_logprobs TEXT,
+            prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL);
+        CREATE TABLE verdicts (key TEXT PRIMARY KEY, prompt TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_judge_calls_and_verdicts]
 
 
 @dataclass(frozen=True)
 class Generation:
     response: str
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class Judgment:
-    chosen: int
-    rejected: int
-    explanation: str
-    reply: str
-    attempts: int
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -146,30 +148,42 @@ class Store:
             (key, prompt, temperature, gen.response, gen.prompt_tokens, gen.completion_tokens, time.time()),
         )
 
-    # -- judgments --------------------------------------------------------------------------------------
-    def get_judgment(self, key: str) -> Judgment | None:
+    # -- judge calls and verdicts -----------------------------------------------------------------------
+    def get_call(self, key: str) -> tuple[str, list[dict[str, Any]] | None, int | None, int | None] | None:
         row = self.db.execute(
-            "SELECT chosen, rejected, explanation, reply, attempts, prompt_tokens, completion_tokens "
-            "FROM judgments WHERE key = ?",
-            (key,),
+            "SELECT reply, top_logprobs, prompt_tokens, completion_tokens FROM judge_calls WHERE key = ?", (key,)
         ).fetchone()
-        return Judgment(*row) if row else None
+        if row is None:
+            return None
+        return row[0], json.loads(row[1]) if row[1] else None, row[2], row[3]
 
-    def put_judgment(self, key: str, prompt: str, j: Judgment) -> None:
+    def put_call(
+        self,
+        key: str,
+        reply: str,
+        top_logprobs: list[dict[str, Any]] | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO judge_calls VALUES (?, ?, ?, ?, ?, ?)",
             (
                 key,
-                prompt,
-                j.chosen,
-                j.rejected,
-                j.explanation,
-                j.reply,
-                j.attempts,
-                j.prompt_tokens,
-                j.completion_tokens,
+                reply,
+                json.dumps(top_logprobs) if top_logprobs else None,
+                prompt_tokens,
+                completion_tokens,
                 time.time(),
             ),
+        )
+
+    def get_verdict(self, key: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT data FROM verdicts WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_verdict(self, key: str, prompt: str, data: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", (key, prompt, json.dumps(data), time.time())
         )
 
     # -- failures ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ class Completion:
     text: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    top_logprobs: list[dict[str, Any]] | None = None  # first generated position: [{"token", "logprob"}, ...]
 
 
 class PolicyBackend(Protocol):
@@ -41,8 +42,17 @@ class JudgeBackend(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
-    async def chat(self, messages: list[dict[str, str]], *, seed: int, n_candidates: int) -> Completion:
-        """``n_candidates`` lets a backend constrain the reply (a JSON schema of valid decisions)."""
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        seed: int,
+        schema: dict[str, Any] | None = None,
+        logprobs: bool = False,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        """``schema`` constrains the reply where the endpoint can (JSON schema of the valid decisions);
+        ``logprobs`` asks for the first position's top log-probabilities (soft labels)."""
         ...
 
     async def aclose(self) -> None: ...

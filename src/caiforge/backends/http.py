@@ -74,7 +74,7 @@ class HttpClient:
             raise TransientError(self._redact(f"{method} {url}: HTTP {status}: {text[:200]}"))
         if status >= 400:
             hint = " (check the API key)" if status in (401, 403) else ""
-            raise PermanentError(self._redact(f"{method} {url}: HTTP {status}{hint}: {text[:300]}"))
+            raise PermanentError(self._redact(f"{method} {url}: HTTP {status}{hint}: {text[:300]}"), status)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

