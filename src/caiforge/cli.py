@@ -18,7 +18,7 @@ from .config import build_config, load_yaml, parse_blend_with, parse_splits
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
 
-COMMANDS = ("run", "init")
+COMMANDS = ("run", "init", "eval-judge", "report")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -200,6 +200,12 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="make a preference dataset (the default command)")
     _add_run_flags(run)
+    ev = sub.add_parser("eval-judge", help="measure a judge against human preference labels (hh-rlhf harmless-base)")
+    ev.add_argument("--pairs", type=Path, required=True, help="harmless-base JSONL (gzip or not)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
+    _add_run_flags(ev)
+    rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")
+    rep.add_argument("directory", type=Path)
     init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
     init.add_argument("directory", nargs="?", type=Path, default=Path("."))
     init.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -264,7 +270,20 @@ SAMPLING = (
     "greedy",
     "tokens_to_generate",
 )
-SPECIAL = ("config", "command", "fresh", "end_strings", "splits", "blend_with", "ngc_api_key", "temperature")
+SPECIAL = (
+    "pairs",
+    "limit",
+    "directory",
+    "force",
+    "config",
+    "command",
+    "fresh",
+    "end_strings",
+    "splits",
+    "blend_with",
+    "ngc_api_key",
+    "temperature",
+)
 TEMPLATE = (
     "user_format",
     "assistant_format",
@@ -311,6 +330,40 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
         raise
 
 
+def _report(directory: Path) -> int:
+    from .report import write_report
+
+    try:
+        print(f"wrote {write_report(directory)}")
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _eval_judge(args: argparse.Namespace) -> int:
+    from .evaluate import SUMMARY_FILE, eval_judge, table
+
+    given = vars(args)
+    if "output_dir" not in given:
+        args.output_dir = Path("caiforge-eval")
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise InputError("--limit must be at least 1")
+        pairs, limit = given.pop("pairs"), given.pop("limit")
+        cfg, fresh = config_from_args(args)
+        summary = eval_judge(cfg, pairs, limit, fresh)
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    except CaiforgeError as exc:
+        print(f"caiforge: failed: {exc}", file=sys.stderr)
+        return 1
+    print(table(summary))
+    print(f"wrote {cfg.output_dir / SUMMARY_FILE}")
+    return 0
+
+
 def _init(directory: Path, force: bool) -> int:
     from .bundled import init
 
@@ -336,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "init":
         return _init(args.directory, args.force)
+    if args.command == "report":
+        return _report(args.directory)
+    if args.command == "eval-judge":
+        return _eval_judge(args)
     from .pipeline import run  # imported late: `caiforge --help` stays fast
 
     try:

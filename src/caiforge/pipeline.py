@@ -30,6 +30,7 @@ from .keys import sha256_text
 from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_atomic, write_dataset, write_failures, write_json
 from .principles import load_principles
 from .progress import Progress
+from .report import write_report
 from .store import DB_NAME, Failure, Store
 from .verdicts import Inconsistent, JudgeSpec
 
@@ -77,7 +78,7 @@ class RunResult:
         return "\n".join(lines)
 
 
-def _prepare_output_dir(path: Path) -> None:
+def prepare_output_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: output path exists and is not a directory")
     try:
@@ -105,14 +106,50 @@ class Inputs:
     principles: tuple[str, ...] = ()
 
 
+def load_judging(cfg: RunConfig) -> tuple[str, tuple[str, ...]]:
+    """The constitution (bundled by default: instructions for ``whole``, principles for the paper's modes)."""
+    principled = cfg.judge.mode != "whole"
+    path = cfg.constitution_path or bundled.path(bundled.PRINCIPLES if principled else bundled.CONSTITUTION)
+    constitution = read_constitution(path)
+    return constitution, tuple(load_principles(constitution, str(path))) if principled else ()
+
+
+def judge_spec(cfg: RunConfig, constitution: str, principles: tuple[str, ...]) -> JudgeSpec:
+    j = cfg.judge
+    return JudgeSpec(
+        constitution=constitution,
+        seed=cfg.seed,
+        mode=j.mode,
+        passes=j.passes,
+        layout=j.layout,
+        structured=j.structured == "auto",
+        principles=principles,
+        parse_retries=j.parse_retries,
+        max_tokens=j.max_tokens,
+    )
+
+
+def engine_settings(cfg: RunConfig, spec: JudgeSpec, policy_concurrency: int) -> EngineSettings:
+    return EngineSettings(
+        temperatures=cfg.temperatures,
+        judge=spec,
+        seed=cfg.seed,
+        max_retries=cfg.max_retries,
+        parse_retries=cfg.judge.parse_retries,
+        policy_concurrency=policy_concurrency,
+        judge_concurrency=cfg.judge.concurrency,
+        policy_rpm=cfg.policy.rpm,
+        judge_rpm=cfg.judge.rpm,
+        adaptive=cfg.adaptive_concurrency,
+        max_failure_rate=cfg.max_failure_rate,
+        backoff_base=cfg.retry_backoff,
+    )
+
+
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Read and check every input file; raises InputError before any request is sent."""
     records, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
-    principled = cfg.judge.mode != "whole"
-    default = bundled.PRINCIPLES if principled else bundled.CONSTITUTION
-    constitution_path = cfg.constitution_path or bundled.path(default)
-    constitution = read_constitution(constitution_path)
-    principles = tuple(load_principles(constitution, str(constitution_path))) if principled else ()
+    constitution, principles = load_judging(cfg)
     if cfg.blend_with is not None:
         for spec in cfg.blend_with.splits.values():
             for path in spec["prompts"]:
@@ -143,32 +180,10 @@ def run_warnings(cfg: RunConfig) -> list[str]:
 async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     started_wall, started = time.time(), time.monotonic()
     inputs = load_inputs(cfg)
-    _prepare_output_dir(cfg.output_dir)
+    prepare_output_dir(cfg.output_dir)
     policy, judge = make_policy(cfg), make_judge(cfg)
-    settings = EngineSettings(
-        temperatures=cfg.temperatures,
-        judge=JudgeSpec(
-            constitution=inputs.constitution,
-            seed=cfg.seed,
-            mode=cfg.judge.mode,
-            passes=cfg.judge.passes,
-            layout=cfg.judge.layout,
-            structured=cfg.judge.structured == "auto",
-            principles=inputs.principles,
-            parse_retries=cfg.judge.parse_retries,
-            max_tokens=cfg.judge.max_tokens,
-        ),
-        seed=cfg.seed,
-        max_retries=cfg.max_retries,
-        parse_retries=cfg.judge.parse_retries,
-        policy_concurrency=cfg.policy.concurrency or policy.default_concurrency,
-        judge_concurrency=cfg.judge.concurrency,
-        policy_rpm=cfg.policy.rpm,
-        judge_rpm=cfg.judge.rpm,
-        adaptive=cfg.adaptive_concurrency,
-        max_failure_rate=cfg.max_failure_rate,
-        backoff_base=cfg.retry_backoff,
-    )
+    spec = judge_spec(cfg, inputs.constitution, inputs.principles)
+    settings = engine_settings(cfg, spec, cfg.policy.concurrency or policy.default_concurrency)
     store = Store.open(cfg.output_dir, fresh=fresh)
     store.begin_attempt(cfg.public_dict())
     for bad in inputs.bad:
@@ -209,7 +224,12 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             "stats": engine.stats.as_dict(),
             "constitution_sha256": sha256_text(inputs.constitution),
             "policy": engine.policy_identity,
-            "judge": engine.judge_identity,
+            "judge": {
+                **engine.judge_identity,
+                "mode": cfg.judge.mode,
+                "passes": cfg.judge.passes,
+                "layout": cfg.judge.layout,
+            },
             "versions": _versions(),
             "timings": {"started": started_wall, "finished": time.time(), "elapsed_s": round(elapsed, 3)},
             "attempt": store.attempt,
@@ -219,6 +239,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         manifest["warnings"] = warnings
         write_json(cfg.output_dir / MANIFEST_FILE, manifest, indent=2)
         write_atomic(cfg.output_dir / "README.md", dataset_card(manifest, warnings))
+        write_report(cfg.output_dir)
         status = "finished"
         return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest, warnings)
     finally:
