@@ -134,7 +134,7 @@ def test_policy_response_deterministic() -> None:
     a = policy_response("How do I make a bomb?", 0.514)
     assert a == policy_response("How do I make a bomb?", 0.51)
     assert a != policy_response("How do I make a bomb?", 0.7)
-    assert a.startswith("Reply to 'How do I make a bomb?' at t=0.51 [h=")
+    assert a.startswith("Reply to 'How do I make a bomb?' at t=0.51") and "[h=" in a
     h = float(re.search(r"\[h=([\d.]+)\]", a).group(1))
     assert 0 <= h < 1
     hs = {policy_response(f"prompt {i}", 0.5)[-6:-1] for i in range(50)}

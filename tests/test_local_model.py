@@ -130,3 +130,19 @@ def test_remote_judge_with_local_candidates(run_cli, fake, tmp_path):
     assert manifest["warnings"] == []
     assert fake.count("/v1/chat/completions") >= 1
     assert Path(run.out / "cai_candidate_dataset.json").exists()
+
+
+def test_eval_judge_on_real_harmless_base_pairs_with_the_embedded_model(tmp_path, capsys):
+    """A small slice of the real hh-rlhf test split; the figure is whatever it is (the toy judge is at chance)."""
+    from caiforge.cli import main
+    from conftest import shared
+
+    pairs = shared("hh_harmless_base_test.jsonl.gz")
+    assert main(["eval-judge", "--pairs", str(pairs), "--limit", "4", "--output-dir", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "eval_summary.json").read_text())
+    assert summary["n"] == 4 and summary["judgments"] == 8
+    assert summary["parse_failures"] == 0  # grammar-constrained: every reply is a valid decision
+    assert 0.0 <= summary["accuracy"] <= 1.0 and 0.0 <= summary["consistency"] <= 1.0
+    assert summary["position_1_rate"] + summary["position_2_rate"] == pytest.approx(1.0)
+    assert summary["judge"]["backend"] == "local"
+    assert "consistency under swapped order" in capsys.readouterr().out

@@ -287,7 +287,7 @@ def test_api_key_is_sent_but_appears_in_no_output(run_cli, fake, tmp_path, const
     run = run_basic(run_cli, fake, tmp_path, constitution)
     assert run.code == 0, run.stderr
     assert fake.count(status=401) == 0 and fake.count(status=200) == 50
-    for path in run.out.rglob("*"):
+    for path in (p for p in run.out.rglob("*") if p.is_file()):
         assert key.encode() not in path.read_bytes(), path
     assert key not in run.stdout + run.stderr
     assert run.json("manifest.json")["config"]["judge"]["api_key_set"] is True
@@ -303,7 +303,7 @@ def test_wrong_api_key_fails_clearly_without_echoing_it(run_cli, fake, tmp_path,
     assert len(failures) == 10 and all("401" in f["detail"] for f in failures)
     assert all(f["reason"] == "permanent error" for f in failures)
     assert fake.count(status=401) == 10  # not retried: retrying cannot fix a key
-    for path in run.out.rglob("*"):
+    for path in (p for p in run.out.rglob("*") if p.is_file()):
         assert b"nvapi-WRONG-123" not in path.read_bytes()
 
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 import signal
@@ -70,6 +71,7 @@ class FakeConfig:
     faults: list[Fault] = field(default_factory=list)
     max_concurrent: int | None = None
     require_api_key: str | None = None
+    reject_response_format: bool = False  # answer 400 to a request with response_format, as some servers do
     seed: int = 0
 
 
@@ -94,7 +96,8 @@ def policy_response(prompt: str, temperature: float) -> str:
     # Quote the user's words, not template tokens: a real model does not echo "<extra_id_1>" (an eos token).
     user = prompt.rsplit("User\n", 1)[-1] if "User\n" in prompt else prompt
     snippet = " ".join(re.sub(r"<[/\w|]+>|\[/?INST\]", " ", user)[:40].split())
-    return f"Reply to '{snippet}' at t={t:.2f} [h={h:.3f}]"
+    padding = " and so on" * (int(digest[12:14], 16) % 4)  # lengths differ, so a length bias can show
+    return f"Reply to '{snippet}' at t={t:.2f}{padding} [h={h:.3f}]"
 
 
 def parse_candidates(user_message: str) -> dict[int, str]:
@@ -169,6 +172,30 @@ def judge_reply(user_message: str, style: str) -> str:
     if style == "single-quotes":
         return f"{{'chosen': {c}, 'rejected': {r}}}\n{why}"
     return f"{obj}\n{why}"
+
+
+_OPTIONS_RE = re.compile(r"\nOptions:\n\(A\) (?P<a>.*?)\n\n\(B\) (?P<b>.*?)\n\n", re.DOTALL)
+
+
+def is_pairwise_request(text: str) -> bool:
+    """The CAI paper's (A)/(B) comparison under one principle."""
+    return _OPTIONS_RE.search(text) is not None
+
+
+def pairwise_reply(user_message: str, style: str) -> tuple[str, float]:
+    """(reply text, P(A)): A is better when its harm score is lower; CoT prompts get reasoning first."""
+    match = _OPTIONS_RE.search(user_message)
+    assert match is not None
+    a, b = match["a"], match["b"]
+    p_a = 1.0 / (1.0 + math.exp(-8.0 * (_harm(b) - _harm(a))))
+    if style == "position-biased":
+        p_a = 0.9
+    elif style == "verbose-biased":
+        p_a = 0.9 if len(a) >= len(b) else 0.1
+    letter = "A" if p_a >= 0.5 else "B"
+    if "Let's think step by step" in user_message:
+        return f"Option ({letter}) is the less harmful of the two. So the answer is: ({letter})", p_a
+    return letter, p_a
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -449,9 +476,24 @@ class FakeServer:
         users = [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
         if not users:
             raise ValueError("no user message")
-        content = self._answer(users[-1], _temperature(body), body.get("seed"))
+        if self.config.reject_response_format and "response_format" in body:
+            return _error(400, "response_format is not supported by this server")
+        logprobs = None
+        if is_pairwise_request(users[-1]):
+            m = _JUDGE_DIRECTIVE_RE.search(users[-1])
+            content, p_a = pairwise_reply(users[-1], m.group(1) if m else self.config.judge_style)
+            if body.get("logprobs") and len(content) == 1:
+                top = [
+                    {"token": "A", "logprob": math.log(max(p_a, 1e-9))},
+                    {"token": "B", "logprob": math.log(max(1 - p_a, 1e-9))},
+                ]
+                logprobs = {
+                    "content": [{"token": content, "logprob": top[content == "B"]["logprob"], "top_logprobs": top}]
+                }
+        else:
+            content = self._answer(users[-1], _temperature(body), body.get("seed"))
         message = {"role": "assistant", "content": content}
-        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}]
+        choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]
         prompt = " ".join(str(m.get("content") or "") for m in messages)
         return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content)
 
