@@ -13,6 +13,9 @@ TOY_JUDGE_WARNING = (
 
 def dataset_card(manifest: dict[str, Any], warnings: list[str]) -> str:
     cfg, counts = manifest["config"], manifest["counts"]
+    judge_cfg = cfg.get("judge", {})
+    rate = counts.get("consistency_rate")
+    consistency = "not measured (one pass)" if rate is None else f"{100 * rate:.1f}%"
     splits = ", ".join(f"{name}: {n}" for name, n in counts["splits"].items())
     lines = [
         "# caiforge preference dataset",
@@ -28,6 +31,9 @@ def dataset_card(manifest: dict[str, Any], warnings: list[str]) -> str:
         f"| prompts | {cfg['prompts_path'] or 'bundled red-team prompts'} |",
         f"| policy | {manifest['policy'].get('backend')} `{manifest['policy'].get('model')}` |",
         f"| judge | {manifest['judge'].get('backend')} `{manifest['judge'].get('model')}` |",
+        f"| judge mode | {judge_cfg.get('mode', 'whole')}, {judge_cfg.get('passes', 1)} pass(es), "
+        f"{judge_cfg.get('layout', 'caiforge')} layout |",
+        f"| consistency under reversed order | {consistency} |",
         f"| constitution sha256 | `{manifest['constitution_sha256']}` |",
         f"| unique prompts | {counts['unique_prompts']} ({counts['duplicate_prompts']} duplicates merged) |",
         f"| pairs | {counts['pairs']} ({splits}) |",
@@ -36,10 +42,13 @@ def dataset_card(manifest: dict[str, Any], warnings: list[str]) -> str:
         "",
         "## Known limitations",
         "",
-        "- Labels come from one judge model; LLM judges favour positions and longer answers, and the seed's "
-        "layout always shows the lowest-temperature response first.",
+        "- Labels come from one judge model. LLM judges favour positions and longer answers; caiforge shows "
+        "candidates in a seeded random order (unless the seed's layout was asked for), and `report.md` measures "
+        "how often the chosen answer stood first and was the longer one.",
         "- Candidates come from one policy at a few temperatures, so chosen and rejected are often similar.",
         "- Prompts are red-team attempts: the data contains harmful requests and possibly harmful responses.",
+        "- The comparison files hold hard labels; soft labels (`chosen_prob`, principle modes) are only in "
+        "`cai_preference_dataset.json`.",
         "",
     ]
     return "\n".join(lines)
