@@ -84,6 +84,18 @@ def caiforge_cmd(server, prompts_file: Path, constitution: Path, out: Path, *ext
     ]
 
 
+def run_prompts(run_cli, fake, tmp_path, constitution, n: int, *extra: str, policy: str = "openai-chat"):
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(n))
+    return run_cli(
+        "--red-teaming-file-path",
+        str(prompts_file),
+        "--sys-prompt-constitution-file-path",
+        str(constitution),
+        *server_flags(fake, policy),
+        *extra,
+    )
+
+
 def key(entry: dict) -> str:
     return json.dumps(entry["body"], sort_keys=True)
 
@@ -175,13 +187,12 @@ FAULT_MIXES = {
 def test_no_pair_is_lost_to_transient_faults(run_cli, fake, tmp_path, constitution, mix):
     fake.config.faults = FAULT_MIXES[mix]
     fake.config.seed = 7
-    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(30))
-    run = run_cli(
-        "--red-teaming-file-path",
-        str(prompts_file),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(fake),
+    run = run_prompts(
+        run_cli,
+        fake,
+        tmp_path,
+        constitution,
+        30,
         "--max-retries",
         "10",
         "--retry-backoff",
@@ -199,17 +210,17 @@ def test_no_pair_is_lost_to_transient_faults(run_cli, fake, tmp_path, constituti
 
 def test_persistent_faults_are_recorded_with_their_reason(run_cli, fake, tmp_path, constitution):
     fake.config.faults = [Fault("500", rate=1.0, paths=("/v1/chat/completions",))]
-    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(5))
-    run = run_cli(
-        "--red-teaming-file-path",
-        str(prompts_file),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(fake, "openai-completions"),
+    run = run_prompts(
+        run_cli,
+        fake,
+        tmp_path,
+        constitution,
+        5,
         "--max-retries",
         "2",
         "--retry-backoff",
         "0.01",
+        policy="openai-completions",
     )
     assert run.code == 1
     failures = run.jsonl("failures.jsonl")
@@ -222,17 +233,17 @@ def test_persistent_faults_are_recorded_with_their_reason(run_cli, fake, tmp_pat
 
 def test_a_run_failing_wholesale_stops_with_a_clear_message(run_cli, fake, tmp_path, constitution):
     fake.config.faults = [Fault("500", rate=1.0, paths=("/v1/chat/completions",))]
-    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(200))
-    run = run_cli(
-        "--red-teaming-file-path",
-        str(prompts_file),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(fake, "openai-completions"),
+    run = run_prompts(
+        run_cli,
+        fake,
+        tmp_path,
+        constitution,
+        200,
         "--max-retries",
         "0",
         "--max-failure-rate",
         "0.5",
+        policy="openai-completions",
     )
     assert run.code == 1
     assert "--max-failure-rate" in run.stderr and "transient error" in run.stderr
@@ -286,16 +297,7 @@ def test_adaptive_concurrency_settles_near_what_the_server_admits(run_cli, tmp_p
 
 
 def test_rpm_cap_spaces_requests_evenly(run_cli, fake, tmp_path, constitution):
-    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(8))
-    run = run_cli(
-        "--red-teaming-file-path",
-        str(prompts_file),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(fake),
-        "--judge-rpm",
-        "600",
-    )
+    run = run_prompts(run_cli, fake, tmp_path, constitution, 8, "--judge-rpm", "600")
     assert run.code == 0, run.stderr
     starts = sorted(r.time for r in fake.requests if "FULL TEXT" in json.dumps(r.body))
     gaps = [b - a for a, b in itertools.pairwise(starts)]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import build_config, load_yaml, parse_blend_with, parse_splits
+from .config import Sampling, build_config, load_yaml, parse_blend_with, parse_splits
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
 
@@ -260,16 +260,7 @@ FLAT = {  # flag dest -> config path
     "local_model": "local.model_path",
     "local_threads": "local.threads",
 }
-SAMPLING = (
-    "add_bos",
-    "top_k",
-    "top_p",
-    "all_probs",
-    "repetition_penalty",
-    "min_tokens_to_generate",
-    "greedy",
-    "tokens_to_generate",
-)
+SAMPLING = tuple(f for f in Sampling.model_fields if f != "end_strings")  # end_strings is unescaped
 SPECIAL = (
     "pairs",
     "limit",

@@ -12,24 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from .backends import make_judge, make_policy
-from .config import build_config
+from .config import Sampling, build_config
 from .engine import Engine, EngineSettings
 from .errors import BadModelOutput
 from .inputs import read_prompts
 from .store import Store
 from .verdicts import JudgeSpec
 
-SAMPLING_KEYS = (
-    "add_bos",
-    "top_k",
-    "top_p",
-    "all_probs",
-    "repetition_penalty",
-    "min_tokens_to_generate",
-    "greedy",
-    "tokens_to_generate",
-    "end_strings",
-)
+SAMPLING_KEYS = tuple(Sampling.model_fields)  # the seed's inference_config keys, minus host/port
 
 
 def _settings(temperatures: tuple[float, ...], constitution: str, seed: int, concurrency: int) -> EngineSettings:
