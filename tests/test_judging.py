@@ -171,7 +171,7 @@ def test_principle_mode_gives_soft_labels_under_one_sampled_principle(run_cli, f
         assert 0.5 <= pair["chosen_prob"] <= 1.0
         assert harm(pair["chosen"]) <= harm(pair["rejected"])
     bodies = [r.body for r in fake.requests if "Options:" in json.dumps(r.body)]
-    assert bodies and all(b["logprobs"] is True and b["max_tokens"] == 1 for b in bodies)
+    assert bodies and all(b["logprobs"] is True and b["max_tokens"] == 4 for b in bodies)
     assert "(A)" in bodies[0]["messages"][0]["content"] and "(B)" in bodies[0]["messages"][0]["content"]
     assert "mean chosen_prob" in (result.out / "report.md").read_text()
 

@@ -65,19 +65,21 @@ def pairwise_messages(principle: str, prompt: str, a: str, b: str, cot: bool) ->
     return [{"role": "user", "content": user}]
 
 
-def soft_label(top_logprobs: list[dict[str, float]] | None) -> float | None:
-    """P(A) / (P(A) + P(B)) from the first generated position's top log-probabilities, when both letters show."""
-    if not top_logprobs:
-        return None
-    best: dict[str, float] = {}
-    for entry in top_logprobs:
-        letter = entry.get("token", "").strip().strip("()").upper()
-        if letter in ("A", "B"):
-            best[letter] = max(best.get(letter, -math.inf), float(entry["logprob"]))
-    if "A" not in best and "B" not in best:
-        return None
-    pa, pb = math.exp(best.get("A", -math.inf)), math.exp(best.get("B", -math.inf))
-    return pa / (pa + pb)
+def soft_label(positions: list[list[dict[str, Any]]] | None) -> float | None:
+    """P(A) / (P(A) + P(B)) at the first generated position where the letters are in play.
+
+    Models often open with "(" or a space before the letter, so the first position is not always the one that
+    decides; the first position whose likely tokens include A or B is."""
+    for top in positions or []:
+        best: dict[str, float] = {}
+        for entry in top:
+            letter = str(entry.get("token", "")).strip().strip("()").upper()
+            if letter in ("A", "B"):
+                best[letter] = max(best.get(letter, -math.inf), float(entry["logprob"]))
+        if best:
+            pa, pb = math.exp(best.get("A", -math.inf)), math.exp(best.get("B", -math.inf))
+            return pa / (pa + pb)
+    return None
 
 
 _ANSWER = re.compile(r"\(?\b([AB])\b\)?")
@@ -92,7 +94,7 @@ def hard_label(text: str, cot: bool) -> str | None:
     return match.group(1) if match else None
 
 
-def label(text: str, top_logprobs: list[dict[str, float]] | None, cot: bool) -> float | None:
+def label(text: str, top_logprobs: list[list[dict[str, Any]]] | None, cot: bool) -> float | None:
     """P(A): the soft label when log-probabilities are there, the hard one otherwise; clamped for CoT."""
     if cot:
         hard = hard_label(text, cot=True)

@@ -149,7 +149,7 @@ class Store:
         )
 
     # -- judge calls and verdicts -----------------------------------------------------------------------
-    def get_call(self, key: str) -> tuple[str, list[dict[str, Any]] | None, int | None, int | None] | None:
+    def get_call(self, key: str) -> tuple[str, list[list[dict[str, Any]]] | None, int | None, int | None] | None:
         row = self.db.execute(
             "SELECT reply, top_logprobs, prompt_tokens, completion_tokens FROM judge_calls WHERE key = ?", (key,)
         ).fetchone()
@@ -161,7 +161,7 @@ class Store:
         self,
         key: str,
         reply: str,
-        top_logprobs: list[dict[str, Any]] | None,
+        top_logprobs: list[list[dict[str, Any]]] | None,
         prompt_tokens: int | None,
         completion_tokens: int | None,
     ) -> None:

@@ -37,6 +37,7 @@ from .principles import label, pairwise_messages, pick, pick_pair
 
 Ask = Callable[..., Awaitable[Completion]]  # ask(messages, seed=, schema=, logprobs=, max_tokens=)
 MODES = ("whole", "principle", "principle-cot")
+ANSWER_TOKENS = 4  # room for "(", " " or "Answer:" before the letter; the soft label reads the letter's position
 
 
 class TooFewCandidates(BackendError):
@@ -128,7 +129,11 @@ async def _pairwise(ask: Ask, spec: JudgeSpec, principle: str, prompt: str, a: s
     replies: list[str] = []
     for attempt in range(spec.parse_retries + 1):
         reply = await ask(
-            messages, seed=spec.seed + attempt, schema=None, logprobs=not cot, max_tokens=spec.max_tokens if cot else 1
+            messages,
+            seed=spec.seed + attempt,
+            schema=None,
+            logprobs=not cot,
+            max_tokens=spec.max_tokens if cot else ANSWER_TOKENS,
         )
         p = label(reply.text, reply.top_logprobs, cot)
         if p is not None:

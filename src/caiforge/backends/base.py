@@ -17,7 +17,8 @@ class Completion:
     text: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    top_logprobs: list[dict[str, Any]] | None = None  # first generated position: [{"token", "logprob"}, ...]
+    # Per generated position, the most likely tokens: [[{"token", "logprob"}, ...], ...] (soft labels).
+    top_logprobs: list[list[dict[str, Any]]] | None = None
 
 
 class PolicyBackend(Protocol):

