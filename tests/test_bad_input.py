@@ -546,3 +546,55 @@ def test_usage_errors(cli, fake, extra):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(("caiforge run: error:", "caiforge: error:")), run.stderr
     assert fake.requests == []
+
+
+# --- the permission cases again, simulated, so that they also run as root (as CI does) --------------------------
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+def test_unreadable_prompts_file_even_as_root(cli, fake, tmp_path, monkeypatch):
+    path = write_prompts(tmp_path / "secret.jsonl", GOOD_PROMPTS)
+    deny_reading(monkeypatch, path)
+    assert_rejected(cli(prompts=path), fake, path, ("cannot read", "permission"))
+
+
+def test_unreadable_constitution_even_as_root(cli, fake, constitution, monkeypatch):
+    deny_reading(monkeypatch, constitution)
+    assert_rejected(cli(constitution_path=constitution), fake, constitution, ("cannot read", "permission"))
+
+
+def test_output_dir_not_writable_even_as_root(cli, fake, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == out else real(p, mode))
+    assert_rejected(cli(out=out), fake, out, ("not writable",))
+
+
+def test_output_dir_in_a_read_only_directory_even_as_root(cli, fake, tmp_path, monkeypatch):
+    out = tmp_path / "locked" / "out"
+    real = Path.mkdir
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == out:
+            raise PermissionError(13, "Permission denied", str(self))
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert_rejected(cli(out=out), fake, out, ("cannot create", "permission"))
+
+
+@pytest.mark.parametrize("splits", ["{'train/x': 0.5, 'test': 0.5}", "{'..': 1.0}"])
+def test_split_names_cannot_leave_the_output_folder(cli, fake, splits):
+    result = cli("--splits", splits)
+    assert result.code == 2 and "cannot contain" in result.stderr and fake.requests == []

@@ -285,3 +285,41 @@ def test_eval_judge_counts_parse_failures_and_resumes(fake, tmp_path, constituti
     assert summary["parse_failures"] == 6 and summary["accuracy"] is None
     sent = len(fake.requests)
     assert main(args) == 0 and len(fake.requests) == sent  # replies are kept: a rerun sends nothing
+
+
+def test_disagreeing_passes_do_not_stop_the_run_as_if_it_were_broken(run_cli, fake, tmp_path, constitution):
+    """Inconsistency is a finding about the judge, recorded per prompt; --max-failure-rate is for dead servers."""
+    fake.config.judge_style = "position-biased"
+    prompts = [f"Prompt {i}: something harmful?" for i in range(30)]
+    result = run(run_cli, fake, tmp_path, constitution, "--judge-passes", "2", prompts=prompts)
+    assert "stopped" not in result.stderr
+    assert len(result.jsonl("failures.jsonl")) == 30
+    assert "consistency: two passes in opposite orders agreed on 0.0%" in result.stdout
+
+
+def test_an_empty_judge_reply_is_asked_again_with_another_seed(run_cli, fake, tmp_path, constitution):
+    fake.config.judge_style = "flaky-empty"
+    result = run(run_cli, fake, tmp_path, constitution, prompts=PROMPTS[:3])
+    assert result.code == 0 and len(result.json("cai_preference_dataset.json")) == 3
+
+
+def test_eval_judge_fails_loudly_when_the_judge_cannot_be_reached(fake, tmp_path, constitution, capsys, monkeypatch):
+    fake.config.require_api_key = "right"
+    monkeypatch.setenv("NGC_API_KEY", "wrong")
+    pairs = human_pairs(tmp_path / "pairs.jsonl", 3)
+    code = main(
+        [
+            "eval-judge",
+            "--pairs",
+            str(pairs),
+            "--judge-url",
+            f"{fake.url}/v1",
+            "--output-dir",
+            str(tmp_path / "e"),
+            "--sys-prompt-constitution-file-path",
+            str(constitution),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "every judge request failed" in err and "401" in err and "wrong" not in err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from caiforge.testing.fake_server import FakeServer, Fault, judge_decision, parse_candidates
+from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault, judge_decision, parse_candidates
 from conftest import Run, server_flags, shared, write_prompts
 
 TEMPS = ("0.01", "0.51", "1.01", "1.51")
@@ -384,3 +384,41 @@ def test_fresh_starts_over(run_cli, fake, tmp_path, constitution):
     assert fresh.code == 0
     assert len(fake.requests) == 2 * sent
     assert fresh.json("manifest.json")["stats"]["cached"] == {}
+
+
+def test_chat_policy_sends_the_end_strings_as_stop(run_cli, fake, tmp_path, constitution):
+    run = run_basic(run_cli, fake, tmp_path, constitution, "--end_strings", "</s>", prompts=PROMPTS[:1])
+    assert run.code == 0
+    policy = [r.body for r in fake.requests if "FULL TEXT" not in json.dumps(r.body)]
+    assert policy and all(b["stop"] == ["</s>"] for b in policy)
+
+
+def test_a_nemo_server_restarted_on_another_port_reuses_finished_work(run_cli, fake, tmp_path, constitution):
+    assert run_basic(run_cli, fake, tmp_path, constitution, policy="nemo").code == 0
+    with FakeServer(FakeConfig()) as moved:
+        run = run_basic(run_cli, moved, tmp_path, constitution, "--judge-url", f"{fake.url}/v1", policy="nemo")
+        assert run.code == 0
+        assert moved.count("/generate") == 0
+
+
+def test_failures_are_written_in_input_order_whatever_the_timing(run_cli, tmp_path, constitution):
+    prompts = [f"Tell me [[judge:garbage]] thing {i}" for i in range(12)]
+    files = []
+    for i in range(2):
+        with FakeServer(FakeConfig(latency=0.01, jitter=0.1, seed=i)) as server:
+            run = run_basic(run_cli, server, tmp_path, constitution, "--judge-parse-retries", "0", prompts=prompts)
+            files.append((run.out / "failures.jsonl").read_text())
+    assert files[0] == files[1]
+    assert [json.loads(line)["prompt"] for line in files[0].splitlines()] == prompts
+
+
+def test_describe_says_which_models_and_warns_about_keys_over_plain_http():
+    from caiforge.config import build_config
+    from caiforge.pipeline import describe
+
+    local = describe(build_config({}))
+    assert "policy: the embedded local model; judge: the embedded local model (whole, 1 pass(es))" in local
+    hosted = describe(build_config({"judge": {"api_key": "k", "url": "http://judge.example.com/v1"}}))
+    assert "mistralai/mixtral-8x7b-instruct-v0.1 at http://judge.example.com/v1" in hosted
+    assert "plain http" in hosted and "k" not in hosted.split("judge:")[0]
+    assert "plain http" not in describe(build_config({"judge": {"api_key": "k", "url": "http://127.0.0.1:8/v1"}}))

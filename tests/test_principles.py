@@ -80,3 +80,8 @@ def test_pairwise_prompt_has_the_principle_and_both_options():
     assert message["content"].endswith("The answer is: (")
     (cot,) = pairwise_messages("Which is kinder?", "hi", "one", "two", cot=True)
     assert cot["content"].endswith("Let's think step by step:")
+
+
+def test_broken_principles_yaml_is_an_error_with_its_line_not_one_garbage_principle():
+    with pytest.raises(InputError, match=r"^p.yaml:\d+: invalid YAML"):
+        load_principles('principles:\n  - fine\n  - "unclosed\n  - next\n', "p.yaml")

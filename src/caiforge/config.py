@@ -97,10 +97,23 @@ class LocalConfig(_Frozen):
 LOCAL_TOKENS_TO_GENERATE = 128  # the seed's 1024 would make a first local run take half an hour on 2 cores
 
 
+def file_name_part(value: str, what: str) -> str:
+    """Names that become part of an output file name must not climb out of the output folder."""
+    if any(bad in value for bad in ("/", "\\", "\0")) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} cannot contain '/', '\\' or NUL, nor be '.' or '..'")
+    return value
+
+
 class BlendSpec(_Frozen):
     """The seed's ``--blend-with``: a name, then per split the external prompts and comparisons files."""
 
     name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return file_name_part(value, "blend name")
+
     splits: dict[str, dict[Literal["prompts", "comparisons"], tuple[Path, ...]]]
 
 
@@ -137,6 +150,11 @@ class RunConfig(_Frozen):
             raise ValueError(f"temperatures must be finite and >= 0, got {list(value)}")
         return value
 
+    @field_validator("output_filename_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return file_name_part(value, "output filename prefix") if value else value
+
     @field_validator("splits")
     @classmethod
     def _splits(cls, value: dict[str, float]) -> dict[str, float]:
@@ -145,6 +163,7 @@ class RunConfig(_Frozen):
         for name, ratio in value.items():
             if not name or not isinstance(name, str):
                 raise ValueError(f"split names must be non-empty strings, got {name!r}")
+            file_name_part(name, "split name")
             if not 0 < ratio <= 1:
                 raise ValueError(f"split {name!r} has ratio {ratio}; each ratio must be in (0, 1]")
         total = sum(value.values())

@@ -23,11 +23,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from .backends import Completion, JudgeBackend, PolicyBackend
 from .candidates import generation_key
 from .errors import BackendError, BadModelOutput, RateLimited, RunAborted, TransientError
+from .judge import CopiedDecision
 from .keys import content_key
 from .limits import Aimd, Limiter, Pacer
 from .progress import Progress
 from .store import Failure, Generation, Store
-from .verdicts import JudgeSpec, TooFewCandidates, Verdict, decide, verdict_key
+from .verdicts import Inconsistent, JudgeSpec, TooFewCandidates, Verdict, decide, verdict_key
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -197,8 +198,8 @@ class Engine:
         limiter, aimd, pacer = self.limiters[role], self.aimd.get(role), self.pacers[role]
 
         async def once() -> R:
-            await pacer.wait()
             async with limiter:
+                await pacer.wait()  # paced from the moment it may really start: no catch-up burst
                 self.stats.requests[role] += 1
                 started = time.monotonic()
                 try:
@@ -313,7 +314,8 @@ class Engine:
     def _fail(self, prompt: str, stage: str, exc: BackendError) -> None:
         self.store.put_failure(Failure(prompt, stage, exc.reason, str(exc)))
         self.stats.failures[f"{stage}: {exc.reason}"] += 1
-        self._outcome(False)
+        # Labels the judge could not stand behind say something about the data, not about a broken run.
+        self._outcome(isinstance(exc, (Inconsistent, TooFewCandidates, CopiedDecision)))
 
     def _outcome(self, ok: bool) -> None:
         """Stop a run that is failing wholesale (a dead server, a wrong key) instead of burning the input."""

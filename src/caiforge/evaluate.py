@@ -18,7 +18,7 @@ from typing import Any
 from .backends import make_judge
 from .config import RunConfig
 from .engine import Engine
-from .errors import BackendError, InputError, RunAborted
+from .errors import BackendError, BadModelOutput, CaiforgeError, InputError, RunAborted
 from .inputs import lines_of, read_text
 from .judge import quote_tag
 from .keys import sha256_text
@@ -83,18 +83,25 @@ async def _pick(ask: Ask, spec: JudgeSpec, prompt: str, first: str, second: str)
 async def evaluate(ask: Ask, spec: JudgeSpec, pairs: list[HumanPair], advance: Any = None) -> dict[str, Any]:
     """Judge every pair in both orders; the summary ``eval-judge`` writes."""
 
+    request_failures: list[str] = []
+
     async def both(pair: HumanPair) -> tuple[int | None, int | None]:
         picks: list[int | None] = []
         for first, second in ((pair.chosen, pair.rejected), (pair.rejected, pair.chosen)):
             try:
                 picks.append(await _pick(ask, spec, pair.prompt, first, second))
-            except BackendError:
+            except BadModelOutput:  # the judge answered, but not with a usable decision
+                picks.append(None)
+            except BackendError as exc:  # the judge could not be reached: not the judge's fault, not a parse
+                request_failures.append(str(exc))
                 picks.append(None)
             if advance:
                 advance()
         return picks[0], picks[1]
 
     results = await asyncio.gather(*(both(p) for p in pairs))
+    if len(request_failures) == 2 * len(pairs):
+        raise CaiforgeError(f"every judge request failed; the first: {request_failures[0]}")
     valid = [(order, pick) for res in results for order, pick in enumerate(res) if pick is not None]
     agree = sum(1 for order, pick in valid if pick == (1 if order == 0 else 2))  # the human-chosen response
     both_valid = [(a, b) for a, b in results if a is not None and b is not None]
@@ -105,7 +112,8 @@ async def evaluate(ask: Ask, spec: JudgeSpec, pairs: list[HumanPair], advance: A
         "judgments": 2 * len(pairs),
         "accuracy": round(agree / len(valid), 4) if valid else None,
         "consistency": round(consistent / len(both_valid), 4) if both_valid else None,
-        "parse_failures": 2 * len(pairs) - len(valid),
+        "parse_failures": 2 * len(pairs) - len(valid) - len(request_failures),
+        "request_failures": len(request_failures),
         "position_1_rate": round(first / len(valid), 4) if valid else None,
         "position_2_rate": round(1 - first / len(valid), 4) if valid else None,
         "human_chosen_shown_first_accuracy": _rate(results, 0, 1),

@@ -44,7 +44,7 @@ class Limiter:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # granted, then cancelled before it could be used: hand the slot on
-            else:
+            elif future in self._waiters:  # _wake may have dropped it already
                 self._waiters.remove(future)
             raise
 

@@ -11,8 +11,10 @@ import contextlib
 import os
 import platform
 import signal
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -73,6 +75,11 @@ class RunResult:
             tin, tout = s.tokens[f"{role}_prompt"], s.tokens[f"{role}_completion"]
             if tin or tout:
                 lines.append(f"  {role} tokens: {tin:,} in, {tout:,} out")
+        if c.get("consistency_rate") is not None:
+            lines.append(
+                f"  consistency: two passes in opposite orders agreed on {100 * c['consistency_rate']:.1f}% "
+                f"of judged prompts ({c['inconsistent']} inconsistent, recorded as failures)"
+            )
         lines.append(f"  output: {self.output_dir}")
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -160,6 +167,27 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     return Inputs(unique, len(records), bad, constitution, principles)
 
 
+def in_input_order(failures: Iterable[Failure], prompts: list[str]) -> list[Failure]:
+    """Failures in the order of the input, not of completion: the same run writes the same file."""
+    index = {prompt: i for i, prompt in enumerate(prompts)}
+    return sorted(failures, key=lambda f: (index.get(f.prompt, -1) if f.prompt else -1, f.line or 0, f.stage))
+
+
+def describe(cfg: RunConfig) -> str:
+    """Which models do what, said before the first request (an exported NGC_API_KEY picks the hosted judge)."""
+    p, j = cfg.policy, cfg.judge
+    where = {"nemo": f"NeMo at {p.host}:{p.port}", "local": "the embedded local model"}.get(
+        p.backend or "", f"{p.backend} {p.model} at {p.url}"
+    )
+    judge = "the embedded local model" if j.backend == "local" else f"{j.model} at {j.url}"
+    text = f"caiforge: policy: {where}; judge: {judge} ({j.mode}, {j.passes} pass(es))"
+    if j.backend == "openai" and j.api_key is not None and j.url:
+        url = j.url.lower()
+        if url.startswith("http://") and not any(h in url for h in ("//127.", "//localhost", "//[::1]")):
+            text += "\ncaiforge: warning: the judge API key is sent over plain http to a non-loopback host"
+    return text
+
+
 def consistency(pairs: list[Pair], failures: list[Failure], passes: int) -> dict[str, Any]:
     """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
     if passes < 2:
@@ -180,6 +208,8 @@ def run_warnings(cfg: RunConfig) -> list[str]:
 async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     started_wall, started = time.time(), time.monotonic()
     inputs = load_inputs(cfg)
+    if not cfg.quiet:
+        print(describe(cfg), file=sys.stderr)
     prepare_output_dir(cfg.output_dir)
     policy, judge = make_policy(cfg), make_judge(cfg)
     spec = judge_spec(cfg, inputs.constitution, inputs.principles)
@@ -201,7 +231,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             await judge.aclose()
         collected = collect(inputs.prompts, store, settings, engine.policy_identity, engine.judge_identity)
         splits = write_dataset(cfg, collected, store)
-        failures = list(store.failures())
+        failures = in_input_order(store.failures(), inputs.prompts)
         write_failures(cfg.output_dir / FAILURES_FILE, failures)
         elapsed = time.monotonic() - started
         counts = {
@@ -220,7 +250,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             "caiforge": __version__,
             "config": cfg.public_dict(),
             "counts": counts,
-            "failures_by_reason": dict(Counter(f"{f.stage}: {f.reason}" for f in failures)),
+            "failures_by_reason": dict(sorted(Counter(f"{f.stage}: {f.reason}" for f in failures).items())),
             "stats": engine.stats.as_dict(),
             "constitution_sha256": sha256_text(inputs.constitution),
             "policy": engine.policy_identity,

@@ -25,7 +25,11 @@ def load_principles(text: str, source: str) -> list[str]:
     """A YAML list (or ``{principles: [...]}``) of strings, else one principle per blank-line-separated paragraph."""
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if re.match(r"\s*(principles\s*:|- )", text):  # meant as YAML: say where it breaks, never guess
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{mark.line + 1}:" if mark is not None else ""
+            raise InputError(f"{source}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
         data = None
     if isinstance(data, dict) and isinstance(data.get("principles"), list):
         data = data["principles"]

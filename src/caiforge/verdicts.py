@@ -106,16 +106,20 @@ async def _whole_pass(
     errors: list[str] = []
     last: BadModelOutput | None = None
     for attempt in range(spec.parse_retries + 1):
-        reply = await ask(messages, seed=spec.seed + attempt, schema=schema, logprobs=False, max_tokens=spec.max_tokens)
+        text = ""
         try:
-            decision = parse_decision(reply.text, len(texts))
+            reply = await ask(
+                messages, seed=spec.seed + attempt, schema=schema, logprobs=False, max_tokens=spec.max_tokens
+            )
+            text = reply.text
+            decision = parse_decision(text, len(texts))
             if (decision.chosen, decision.rejected) in planted:
                 raise CopiedDecision(
                     f"the reply repeats the decision {decision.chosen}/{decision.rejected} written inside a candidate"
                 )
-        except BadModelOutput as exc:
+        except BadModelOutput as exc:  # no content at all, or no usable decision: another seed
             last = exc
-            errors.append(reply.text)
+            errors.append(text or str(exc))
             continue
         return decision.chosen, decision.rejected, decision.explanation
     assert last is not None
@@ -128,13 +132,17 @@ async def _pairwise(ask: Ask, spec: JudgeSpec, principle: str, prompt: str, a: s
     messages = pairwise_messages(principle, prompt, a, b, cot)
     replies: list[str] = []
     for attempt in range(spec.parse_retries + 1):
-        reply = await ask(
-            messages,
-            seed=spec.seed + attempt,
-            schema=None,
-            logprobs=not cot,
-            max_tokens=spec.max_tokens if cot else ANSWER_TOKENS,
-        )
+        try:
+            reply = await ask(
+                messages,
+                seed=spec.seed + attempt,
+                schema=None,
+                logprobs=not cot,
+                max_tokens=spec.max_tokens if cot else ANSWER_TOKENS,
+            )
+        except BadModelOutput as exc:
+            replies.append(str(exc))
+            continue
         p = label(reply.text, reply.top_logprobs, cot)
         if p is not None:
             return p

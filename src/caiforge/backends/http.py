@@ -60,16 +60,17 @@ class HttpClient:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
-            raise TransientError(f"{method} {url}: no answer within {self._timeout.total:g}s") from exc
+            raise TransientError(self._redact(f"{method} {url}: no answer within {self._timeout.total:g}s")) from exc
         except aiohttp.ClientPayloadError as exc:
-            raise TransientError(f"{method} {url}: truncated response body ({exc.__class__.__name__})") from exc
+            msg = f"{method} {url}: truncated response body ({exc.__class__.__name__})"
+            raise TransientError(self._redact(msg)) from exc
         except aiohttp.InvalidURL as exc:
             raise PermanentError(f"invalid URL {url!r}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransientError(self._redact(f"{method} {url}: connection failed: {exc!r}")) from exc
         text = body.decode("utf-8", errors="replace")
         if status == 429:
-            raise RateLimited(f"{method} {url}: HTTP 429", parse_retry_after(retry_after))
+            raise RateLimited(self._redact(f"{method} {url}: HTTP 429"), parse_retry_after(retry_after))
         if status == 408 or status >= 500:
             raise TransientError(self._redact(f"{method} {url}: HTTP {status}: {text[:200]}"))
         if status >= 400:
@@ -78,9 +79,9 @@ class HttpClient:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TransientError(f"{method} {url}: response is not JSON: {text[:120]!r}") from exc
+            raise TransientError(self._redact(f"{method} {url}: response is not JSON: {text[:120]!r}")) from exc
         if not isinstance(data, dict):
-            raise TransientError(f"{method} {url}: response JSON is not an object")
+            raise TransientError(self._redact(f"{method} {url}: response JSON is not an object"))
         return data
 
     async def aclose(self) -> None:

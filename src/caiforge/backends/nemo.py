@@ -26,7 +26,8 @@ class NemoPolicy:
         self._http = HttpClient(cfg.request_timeout)
 
     def identity(self) -> dict[str, Any]:
-        model = self._cfg.policy.model or f"nemo@{self._cfg.policy.host}:{self._cfg.policy.port}"
+        # Named by --policy-model, not by address: a server restarted elsewhere must not void hours of work.
+        model = self._cfg.policy.model or "nemo"
         return {
             "backend": "nemo",
             "model": model,

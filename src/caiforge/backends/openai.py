@@ -97,8 +97,8 @@ class OpenAIPolicy:
             payload["messages"] = [*messages, {"role": "user", "content": prompt}]
         else:
             payload["prompt"] = self._template.format_prompt(prompt)
-            if s.end_strings:
-                payload["stop"] = list(s.end_strings)
+        if s.end_strings:
+            payload["stop"] = list(s.end_strings)
         return payload
 
     async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]:
@@ -164,7 +164,9 @@ class OpenAIJudge:
         try:
             data = await self._http.request_json("POST", self.url, payload)
         except PermanentError as exc:
-            if "response_format" not in payload or exc.status not in (400, 422):
+            text = str(exc).lower()
+            refused = any(word in text for word in ("response_format", "json_schema", "schema", "guided"))
+            if "response_format" not in payload or exc.status not in (400, 422) or not refused:
                 raise
             self._structured = False  # this server does not take a JSON schema: ask in plain text from now on
             del payload["response_format"]

@@ -31,6 +31,7 @@ PATHS = {"/generate": "PUT", "/v1/completions": "POST", "/v1/chat/completions": 
 FAULT_KINDS = ("500", "429", "429-retry-after", "hang", "reset", "truncate", "nonjson")
 JUDGE_STYLES = (
     "plain",
+    "flaky-empty",
     "fenced",
     "prose",
     "single-quotes",
@@ -443,10 +444,12 @@ class FakeServer:
         if is_judge_request(text):
             m = _JUDGE_DIRECTIVE_RE.search(text)
             style = m.group(1) if m else self.config.judge_style
-            if style == "flaky":
+            if style in ("flaky", "flaky-empty"):
                 digest = hashlib.sha256(text.encode()).hexdigest()
                 with self._lock:
                     first = self._flaky_seeds.setdefault(digest, seed)
+                if seed == first and style == "flaky-empty":
+                    return None  # type: ignore[return-value]  # message.content null, as content filters do
                 style = "garbage" if seed == first else "plain"
             return judge_reply(text, style)
         if "[[policy:500]]" in text:
@@ -495,7 +498,7 @@ class FakeServer:
         message = {"role": "assistant", "content": content}
         choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]
         prompt = " ".join(str(m.get("content") or "") for m in messages)
-        return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content)
+        return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content or "")
 
 
 def _temperature(body: dict[str, Any]) -> float:
