@@ -136,7 +136,7 @@ async def eval_async(cfg: RunConfig, pairs_path: Path, limit: int | None, fresh:
     store = Store.open(cfg.output_dir, fresh=fresh)
     store.begin_attempt({"eval_judge": str(pairs_path), "limit": limit, **cfg.public_dict()})
     progress = Progress({"judge": 2 * len(pairs)}, quiet=cfg.quiet)
-    engine = Engine(None, judge, store, engine_settings(cfg, spec, 1), progress)
+    engine = Engine(None, judge, store, engine_settings(cfg, spec, 1, judge.default_concurrency), progress)
     status = "interrupted"
     try:
         summary = await evaluate(engine.ask_judge, spec, pairs, lambda: progress.advance("judge"))

@@ -136,7 +136,7 @@ def judge_spec(cfg: RunConfig, constitution: str, principles: tuple[str, ...]) -
     )
 
 
-def engine_settings(cfg: RunConfig, spec: JudgeSpec, policy_concurrency: int) -> EngineSettings:
+def engine_settings(cfg: RunConfig, spec: JudgeSpec, policy_concurrency: int, judge_concurrency: int) -> EngineSettings:
     return EngineSettings(
         temperatures=cfg.temperatures,
         judge=spec,
@@ -144,7 +144,7 @@ def engine_settings(cfg: RunConfig, spec: JudgeSpec, policy_concurrency: int) ->
         max_retries=cfg.max_retries,
         parse_retries=cfg.judge.parse_retries,
         policy_concurrency=policy_concurrency,
-        judge_concurrency=cfg.judge.concurrency,
+        judge_concurrency=cfg.judge.concurrency or judge_concurrency,
         policy_rpm=cfg.policy.rpm,
         judge_rpm=cfg.judge.rpm,
         adaptive=cfg.adaptive_concurrency,
@@ -213,7 +213,9 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     prepare_output_dir(cfg.output_dir)
     policy, judge = make_policy(cfg), make_judge(cfg)
     spec = judge_spec(cfg, inputs.constitution, inputs.principles)
-    settings = engine_settings(cfg, spec, cfg.policy.concurrency or policy.default_concurrency)
+    settings = engine_settings(
+        cfg, spec, cfg.policy.concurrency or policy.default_concurrency, judge.default_concurrency
+    )
     store = Store.open(cfg.output_dir, fresh=fresh)
     store.begin_attempt(cfg.public_dict())
     for bad in inputs.bad:
