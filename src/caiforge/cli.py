@@ -195,7 +195,18 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="caiforge", description=__doc__.splitlines()[0] if __doc__ else None)
+    root = argparse.ArgumentParser(
+        prog="caiforge",
+        description="Constitutional-AI (RLAIF) preference datasets from AI feedback: a faster, resumable drop-in "
+        "for NeMo-Aligner's generate_rl_cai_dataset.py (same flags, same files).",
+        epilog="examples:\n"
+        "  caiforge run                      # bundled prompts and constitution, embedded model, ./caiforge-out\n"
+        "  caiforge run --red-teaming-file-path red_team_attempts.jsonl.gz \\\n"
+        "      --sys-prompt-constitution-file-path constitution.txt --host localhost --port 5656\n"
+        "  caiforge eval-judge --pairs harmless-base/test.jsonl.gz --limit 300\n"
+        "  caiforge run --help               # every flag",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     root.add_argument("--version", action="version", version=f"caiforge {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="make a preference dataset (the default command)")
