@@ -304,3 +304,19 @@ def test_rpm_cap_spaces_requests_evenly(run_cli, fake, tmp_path, constitution):
     assert len(starts) == 8
     assert min(c - a for a, c in zip(starts, starts[2:], strict=False)) >= 0.1
     assert starts[-1] - starts[0] >= 0.6
+
+
+def test_two_runs_on_one_output_folder_are_refused(server_process, tmp_path, constitution):
+    server = server_process("--latency", "0.2")
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(40))
+    cmd = caiforge_cmd(server, prompts_file, constitution, tmp_path / "out", "--policy-concurrency", "2")
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while not server.entries():
+        time.sleep(0.02)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert "another caiforge process is using this folder" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=30)
+    after = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the lock went with the process
+    assert after.returncode == 0, after.stderr

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import InputError
 
@@ -56,6 +56,23 @@ def _m002_judge_calls_and_verdicts(db: sqlite3.Connection) -> None:
     )
 
 
+def _lock(path: Path) -> IO[bytes] | None:
+    """An exclusive advisory lock (POSIX flock; released by the OS even after kill -9)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise InputError(
+            f"{path.parent}: another caiforge process is using this folder; wait for it or pick another --output-dir"
+        ) from exc
+    return handle
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_judge_calls_and_verdicts]
 
 
@@ -95,14 +112,19 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{path}: cannot open the run database: {exc}") from exc
         self.attempt: int | None = None
+        self._lock: IO[bytes] | None = None
 
     @classmethod
     def open(cls, output_dir: Path, fresh: bool = False) -> Store:
+        """The run database of ``output_dir``, locked for this process: two runs on one folder would pay twice."""
         path = output_dir / DB_NAME
+        lock = _lock(Path(str(path) + ".lock"))
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(path) + suffix).unlink(missing_ok=True)
-        return cls(path)
+        store = cls(path)
+        store._lock = lock
+        return store
 
     def _migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL NOT NULL)")
@@ -116,6 +138,9 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     # -- attempts ---------------------------------------------------------------------------------------
     def begin_attempt(self, config: dict[str, Any]) -> int:
