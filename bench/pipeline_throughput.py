@@ -35,7 +35,9 @@ def start_server(latency: float) -> tuple[subprocess.Popen[str], str]:
     return proc, proc.stdout.readline().strip()
 
 
-def one_run(kind: str, url: str, n: int, workdir: Path, policy_conc: int, judge_conc: int, batch: int) -> float:
+def one_run(
+    kind: str, url: str, n: int, workdir: Path, policy_conc: int, judge_conc: int, batch: int, adaptive: bool = True
+) -> float:
     prompts = workdir / f"prompts-{kind}.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Bench prompt {kind} {i}"}) + "\n" for i in range(n)))
     constitution = workdir / "constitution.txt"
@@ -54,6 +56,7 @@ def one_run(kind: str, url: str, n: int, workdir: Path, policy_conc: int, judge_
             "policy": policy,
             "judge": {"backend": "openai", "url": f"{url}/v1", "model": "fake", "concurrency": judge_conc},
             "quiet": True,
+            "adaptive_concurrency": adaptive,
         }
     )
     started = time.perf_counter()
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--judge-concurrency", type=int, default=32)
     ap.add_argument("--nemo-batch", type=int, default=128)
     ap.add_argument("--nemo-concurrency", type=int, default=4)
+    ap.add_argument("--fixed-concurrency", action="store_true", help="no adaptive concurrency (for comparison)")
     args = ap.parse_args()
     temps, lat = 4, args.latency
     proc, url = start_server(lat)
@@ -80,7 +84,9 @@ def main() -> None:
             for kind in ("openai-chat", "nemo"):
                 pc = args.nemo_concurrency if kind == "nemo" else args.policy_concurrency
                 batch = args.nemo_batch if kind == "nemo" else 1
-                elapsed = one_run(kind, url, args.prompts, Path(tmp), pc, args.judge_concurrency, batch)
+                elapsed = one_run(
+                    kind, url, args.prompts, Path(tmp), pc, args.judge_concurrency, batch, not args.fixed_concurrency
+                )
                 ideal = min(pc * batch / (lat * temps), args.judge_concurrency / lat)
                 measured = args.prompts / elapsed
                 rows.append((kind, pc, batch, args.judge_concurrency, elapsed, measured, ideal))

@@ -50,13 +50,17 @@ def test_aimd_halves_on_429_once_per_round_trip_and_climbs_back():
     assert limiter.limit == 4  # slow start
     for _ in range(40):
         aimd.on_success(0.01)
+    assert limiter.limit == 4  # successes below the limit do not raise it
+    for _ in range(40):
+        limiter.in_flight = limiter.limit  # the limit is what holds requests back
+        aimd.on_success(0.01)
     assert limiter.limit == 32  # doubled per round trip up to the ceiling
     limiter.in_flight = 32
     aimd.on_rate_limited()
     aimd.on_rate_limited()  # the same burst: counted once
     assert limiter.limit == 16 and aimd.decreases == 1
-    limiter.in_flight = 0
     for _ in range(18):
+        limiter.in_flight = limiter.limit
         aimd.on_success(0.01)
     assert limiter.limit == 17  # additive now: about +1 per window (16) of successes
 

@@ -126,6 +126,8 @@ class Aimd:
         if self.samples > self.warmup and self.short > self.latency_factor * self.long:
             self._cut(self.latency_decrease)
             return
+        if self.limiter.in_flight < self.limiter.limit:
+            return  # the limit was not what held requests back: success below it says nothing about above it
         step = 1.0 if self.slow_start else 1.0 / max(1.0, self.window)  # x2 per round trip, then +1
         self.window = min(float(self.ceiling), self.window + step)
         self._apply()
