@@ -28,6 +28,13 @@ def shared(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NGC_API_KEY exported on the machine would send the judge to NVIDIA's hosted API: tests set keys."""
+    for name in ("NGC_API_KEY", "CAIFORGE_POLICY_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeServer]:
     with FakeServer(FakeConfig()) as server:
