@@ -48,7 +48,6 @@ def generate_cai_rlaif_candidate_dataset(
     cfg = build_config(
         {
             "prompts_path": red_teaming_dataset_path,
-            "temperatures": temps if len(temps) > 1 else (*temps, temps[0] + 1.0),  # validation wants two
             "template": {k: v for k, v in (prompt_template_config or {}).items()},
             "policy": {
                 "backend": "nemo",

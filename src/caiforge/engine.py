@@ -96,8 +96,6 @@ class Batcher(Generic[K, T, R]):
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
-        if any(self._queues.values()) and self._timer is None:  # items that came while the last batch ran
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._on_timer)
 
     async def aclose(self) -> None:
         """Cancel batches still in flight (on interrupt); their waiters are cancelled with them."""
@@ -352,7 +350,6 @@ class Engine:
 
     async def run(self, prompts: list[str]) -> Stats:
         """Process every prompt; each ends in the store as a judgment or a recorded failure."""
-        started = time.monotonic()
         batch = self.policy.max_batch_size if self.policy else 1
         window = asyncio.Semaphore(self.s.policy_concurrency * batch + 2 * self.s.judge_concurrency)
 
@@ -389,5 +386,4 @@ class Engine:
             self.stats.concurrency = {role: self._concurrency(role) for role in self.limiters}
         if crashed:
             raise crashed[0]
-        self.elapsed = time.monotonic() - started
         return self.stats

@@ -157,9 +157,6 @@ class Store:
             (time.time(), status, json.dumps(stats, sort_keys=True), self.attempt),
         )
 
-    def attempt_count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0])
-
     # -- generations ------------------------------------------------------------------------------------
     def get_generation(self, key: str) -> Generation | None:
         row = self.db.execute(

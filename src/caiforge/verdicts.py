@@ -36,7 +36,6 @@ from .keys import content_key, sha256_text
 from .principles import label, pairwise_messages, pick, pick_pair
 
 Ask = Callable[..., Awaitable[Completion]]  # ask(messages, seed=, schema=, logprobs=, max_tokens=)
-MODES = ("whole", "principle", "principle-cot")
 ANSWER_TOKENS = 4  # room for "(", " " or "Answer:" before the letter; the soft label reads the letter's position
 
 

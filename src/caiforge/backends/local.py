@@ -178,7 +178,3 @@ class LocalJudge:
 
     async def aclose(self) -> None:
         return None
-
-
-def is_default_model(cfg: RunConfig) -> bool:
-    return cfg.local.model_path is None
