@@ -91,7 +91,7 @@ def assert_rejected(
     assert where in message, f"{where!r} not in {message!r}"
     assert any(w.lower() in message.lower() for w in words), f"none of {words} in {message!r}"
     assert run.stdout == ""
-    assert fake.requests == []
+    assert fake.work() == []
     return message
 
 
@@ -545,7 +545,7 @@ def test_usage_errors(cli, fake, extra):
     assert "Traceback" not in run.stderr + run.stdout
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(("caiforge run: error:", "caiforge: error:")), run.stderr
-    assert fake.requests == []
+    assert fake.work() == []
 
 
 # --- the permission cases again, simulated, so that they also run as root (as CI does) --------------------------
@@ -597,4 +597,4 @@ def test_output_dir_in_a_read_only_directory_even_as_root(cli, fake, tmp_path, m
 @pytest.mark.parametrize("splits", ["{'train/x': 0.5, 'test': 0.5}", "{'..': 1.0}"])
 def test_split_names_cannot_leave_the_output_folder(cli, fake, splits):
     result = cli("--splits", splits)
-    assert result.code == 2 and "cannot contain" in result.stderr and fake.requests == []
+    assert result.code == 2 and "cannot contain" in result.stderr and fake.work() == []

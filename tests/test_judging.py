@@ -12,7 +12,7 @@ import pytest
 from caiforge import bundled
 from caiforge.cli import main
 from caiforge.judge import distinct, shown_order
-from caiforge.testing.fake_server import FakeConfig, FakeServer
+from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault
 from conftest import server_flags, write_prompts
 
 KEYS = ["response_t=0.01", "response_t=0.51", "response_t=1.01", "response_t=1.51"]
@@ -37,7 +37,7 @@ def run(run_cli, fake, tmp_path, constitution, *extra, prompts=PROMPTS, name="ou
 
 
 def judge_bodies(fake):
-    return [r.body for r in fake.requests if r.body and "FULL TEXT" in json.dumps(r.body)]
+    return [r.body for r in fake.work() if r.body and "FULL TEXT" in json.dumps(r.body)]
 
 
 def test_candidates_are_shown_in_a_seeded_random_order_and_mapped_back(run_cli, fake, tmp_path, constitution):
@@ -128,7 +128,7 @@ def test_structured_output_is_requested_and_falls_back(run_cli, fake, tmp_path, 
     options = fmt["json_schema"]["schema"]["anyOf"]
     pairs = {(o["properties"]["chosen"]["const"], o["properties"]["rejected"]["const"]) for o in options}
     assert len(pairs) == 12 and all(c != r for c, r in pairs)  # chosen == rejected cannot even be written
-    with FakeServer(FakeConfig(reject_response_format=True)) as strict:
+    with FakeServer(FakeConfig(structured="none")) as strict:
         result = run(run_cli, strict, tmp_path, constitution, name="strict")
         assert result.code == 0 and len(result.json("cai_preference_dataset.json")) == len(PROMPTS)
         bodies = judge_bodies(strict)
@@ -170,7 +170,7 @@ def test_principle_mode_gives_soft_labels_under_one_sampled_principle(run_cli, f
     for pair in pairs:
         assert 0.5 <= pair["chosen_prob"] <= 1.0
         assert harm(pair["chosen"]) <= harm(pair["rejected"])
-    bodies = [r.body for r in fake.requests if "Options:" in json.dumps(r.body)]
+    bodies = [r.body for r in fake.work() if "Options:" in json.dumps(r.body)]
     assert bodies and all(b["logprobs"] is True and b["max_tokens"] == 4 for b in bodies)
     assert "(A)" in bodies[0]["messages"][0]["content"] and "(B)" in bodies[0]["messages"][0]["content"]
     assert "mean chosen_prob" in (result.out / "report.md").read_text()
@@ -283,8 +283,8 @@ def test_eval_judge_counts_parse_failures_and_resumes(fake, tmp_path, constituti
     assert main(args) == 0
     summary = json.loads((tmp_path / "e" / "eval_summary.json").read_text())
     assert summary["parse_failures"] == 6 and summary["accuracy"] is None
-    sent = len(fake.requests)
-    assert main(args) == 0 and len(fake.requests) == sent  # replies are kept: a rerun sends nothing
+    sent = len(fake.work())
+    assert main(args) == 0 and len(fake.work()) == sent  # replies are kept: a rerun sends nothing
 
 
 def test_disagreeing_passes_do_not_stop_the_run_as_if_it_were_broken(run_cli, fake, tmp_path, constitution):
@@ -307,6 +307,26 @@ def test_eval_judge_fails_loudly_when_the_judge_cannot_be_reached(fake, tmp_path
     fake.config.require_api_key = "right"
     monkeypatch.setenv("NGC_API_KEY", "wrong")
     pairs = human_pairs(tmp_path / "pairs.jsonl", 3)
+    code = main(
+        [
+            "eval-judge",
+            "--pairs",
+            str(pairs),
+            "--judge-url",
+            f"{fake.url}/v1",
+            "--output-dir",
+            str(tmp_path / "e"),
+            "--sys-prompt-constitution-file-path",
+            str(constitution),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "judge endpoint" in err and "HTTP 401" in err and "NGC_API_KEY" in err
+    assert "wrong" not in err and fake.work() == []
+    # Past the check (the model list is open), every judgment refused: a loud failure, not a summary.
+    fake.config.require_api_key = None
+    fake.config.faults = [Fault("401", rate=1.0, paths=("/v1/chat/completions",))]
     code = main(
         [
             "eval-judge",

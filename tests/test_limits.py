@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
 import pytest
 
+import virtual_clock
 from caiforge.limits import Aimd, Limiter, Pacer
 
 
@@ -78,20 +78,37 @@ def test_aimd_backs_off_when_latency_climbs():
 
 
 def test_pacer_spaces_requests_that_waited_behind_the_limiter():
-    """Pace from when a request may really start: the ones queued behind a slow call must not burst."""
+    """Pace from when a request may really start: the ones queued behind a slow call must not burst.
+
+    On a virtual clock the times are exact whatever the machine is doing: the first call holds the only slot
+    for 0.5 s; the others then start one pacing interval (0.1 s at 600/min) apart, not all at once at 0.5.
+    """
 
     async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
         limiter, pacer, starts = Limiter(1), Pacer(rpm=600), []
-        t0 = time.monotonic()
 
         async def job(i: int) -> None:
             async with limiter:
                 await pacer.wait()
-                starts.append(time.monotonic() - t0)
+                starts.append(loop.time())
                 await asyncio.sleep(0.5 if i == 0 else 0.0)
 
         await asyncio.gather(*(job(i) for i in range(5)))
         return starts
 
-    starts = asyncio.run(main())
-    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.09
+    assert virtual_clock.run(main()) == pytest.approx([0.0, 0.5, 0.6, 0.7, 0.8])
+
+
+def test_pacer_without_a_limit_spaces_a_burst_evenly():
+    async def main() -> list[float]:
+        loop, pacer, starts = asyncio.get_running_loop(), Pacer(rpm=120), []
+
+        async def job() -> None:
+            await pacer.wait()
+            starts.append(loop.time())
+
+        await asyncio.gather(*(job() for _ in range(4)))
+        return starts
+
+    assert virtual_clock.run(main()) == pytest.approx([0.0, 0.5, 1.0, 1.5])

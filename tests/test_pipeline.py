@@ -74,7 +74,7 @@ def test_each_policy_backend_makes_the_seeds_files(run_cli, fake, tmp_path, cons
     assert len(comparisons) == 16
     assert all(c["text"].endswith("<extra_id_1>") for c in comparisons)
     path = {"nemo": "/generate", "openai-completions": "/v1/completions", "openai-chat": "/v1/chat/completions"}
-    policy_requests = [r for r in fake.requests if r.path == path[policy] and "FULL TEXT" not in json.dumps(r.body)]
+    policy_requests = [r for r in fake.work() if r.path == path[policy] and "FULL TEXT" not in json.dumps(r.body)]
     expected = math.ceil(10 / 4) * 4 if policy == "nemo" else 40
     assert len(policy_requests) == expected
     if policy == "openai-completions":  # template applied client-side
@@ -86,7 +86,7 @@ def test_each_policy_backend_makes_the_seeds_files(run_cli, fake, tmp_path, cons
 def test_no_prompt_dropped_when_count_is_not_a_multiple_of_batch_size(run_cli, fake, tmp_path, constitution):
     run = run_basic(run_cli, fake, tmp_path, constitution, "--batch-size", "3", policy="nemo")
     assert run.code == 0, run.stderr
-    batches = [len(r.body["sentences"]) for r in fake.requests if r.path == "/generate"]
+    batches = [len(r.body["sentences"]) for r in fake.work() if r.path == "/generate"]
     assert sorted(batches) == sorted([3, 3, 3, 1] * 4)
     assert len(run.json("cai_candidate_dataset.json")) == 10
     assert len(run.json("cai_preference_dataset.json")) == 10
@@ -109,10 +109,10 @@ def test_nemo_request_carries_the_seeds_inference_flags(run_cli, fake, tmp_path,
         policy="nemo",
     )
     assert run.code == 0, run.stderr
-    body = next(r.body for r in fake.requests if r.path == "/generate")
+    body = next(r.body for r in fake.work() if r.path == "/generate")
     assert body["tokens_to_generate"] == 77 and body["top_k"] == 3 and body["add_BOS"] is True
     assert body["end_strings"] == ["</s>"]
-    assert {round(r.body["temperature"], 6) for r in fake.requests if r.path == "/generate"} == {0.01, 0.51, 1.01, 1.51}
+    assert {round(r.body["temperature"], 6) for r in fake.work() if r.path == "/generate"} == {0.01, 0.51, 1.01, 1.51}
 
 
 def test_both_red_team_containers_give_the_same_dataset(run_cli, fake, tmp_path, constitution):
@@ -145,7 +145,7 @@ def test_judge_replies_wrapped_in_fences_or_prose_are_read(run_cli, fake, tmp_pa
 def test_judge_request_is_the_seeds(run_cli, fake, tmp_path, constitution):
     run = run_basic(run_cli, fake, tmp_path, constitution, "--seed", "77", "--judge-layout", "seed")
     assert run.code == 0
-    judge = [r.body for r in fake.requests if "FULL TEXT" in json.dumps(r.body)]
+    judge = [r.body for r in fake.work() if "FULL TEXT" in json.dumps(r.body)]
     assert len(judge) == 10
     body = judge[0]
     assert body["messages"][0] == {"role": "system", "content": constitution.read_text()}
@@ -181,7 +181,7 @@ def test_bad_judge_replies_are_retried_then_recorded_never_guessed(
     failures = run.jsonl("failures.jsonl")
     assert sorted(f["prompt"] for f in failures) == sorted(PROMPTS)
     assert {(f["stage"], f["reason"]) for f in failures} == {("judge", reason)}
-    judge_requests = [r.body for r in fake.requests if "FULL TEXT" in json.dumps(r.body)]
+    judge_requests = [r.body for r in fake.work() if "FULL TEXT" in json.dumps(r.body)]
     assert len(judge_requests) == 10 * 3
     assert sorted({b["seed"] for b in judge_requests}) == [1234, 1235, 1236]  # another seed each try
 
@@ -298,6 +298,21 @@ def test_wrong_api_key_fails_clearly_without_echoing_it(run_cli, fake, tmp_path,
     monkeypatch.setenv("NGC_API_KEY", "nvapi-WRONG-123")
     monkeypatch.setenv("CAIFORGE_POLICY_API_KEY", "the-right-key")
     run = run_basic(run_cli, fake, tmp_path, constitution)
+    assert run.code == 2  # the check before the first request: a key is not something a retry fixes
+    assert run.stderr.strip().splitlines() == [
+        f"caiforge: error: judge endpoint {fake.url}/v1: HTTP 401, the API key was refused or is missing; "
+        "export NGC_API_KEY=<your key> (or pass --ngc-api-key)"
+    ]
+    assert fake.work() == [] and fake.count(status=401, checks=True) == 1
+    for path in (p for p in run.out.rglob("*") if p.is_file()):
+        assert b"nvapi-WRONG-123" not in path.read_bytes()
+
+
+def test_a_key_refused_mid_run_is_recorded_not_retried(run_cli, fake, tmp_path, constitution, monkeypatch):
+    """A server whose model list is open but whose completions need the key: each request fails once."""
+    monkeypatch.setenv("NGC_API_KEY", "nvapi-WRONG-123")
+    fake.config.faults = [Fault("401", rate=1.0, paths=("/v1/chat/completions",))]
+    run = run_basic(run_cli, fake, tmp_path, constitution, policy="openai-completions")
     assert run.code == 1
     failures = run.jsonl("failures.jsonl")
     assert len(failures) == 10 and all("401" in f["detail"] for f in failures)
@@ -319,16 +334,16 @@ def test_transient_server_errors_are_retried(run_cli, fake, tmp_path, constituti
 def test_rerun_sends_nothing_and_changed_judge_redoes_only_judging(run_cli, fake, tmp_path, constitution):
     first = run_basic(run_cli, fake, tmp_path, constitution)
     assert first.code == 0
-    sent = len(fake.requests)
+    sent = len(fake.work())
     again = run_basic(run_cli, fake, tmp_path, constitution)
-    assert again.code == 0 and len(fake.requests) == sent
+    assert again.code == 0 and len(fake.work()) == sent
     assert (first.out / "cai_rlaif_train_comparisons_with_chat_prompt.jsonl").read_text() == (
         again.out / "cai_rlaif_train_comparisons_with_chat_prompt.jsonl"
     ).read_text()
     fake.reset_records()
     other = run_basic(run_cli, fake, tmp_path, constitution, "--judge-model", "another-judge")
     assert other.code == 0
-    assert all("FULL TEXT" in json.dumps(r.body) for r in fake.requests) and len(fake.requests) == 10
+    assert all("FULL TEXT" in json.dumps(r.body) for r in fake.work()) and len(fake.work()) == 10
 
 
 def test_missing_prompts_file_is_a_one_line_usage_error(run_cli, tmp_path, constitution):
@@ -379,17 +394,17 @@ def test_seed_python_functions_keep_their_signatures(fake, tmp_path, constitutio
 def test_fresh_starts_over(run_cli, fake, tmp_path, constitution):
     first = run_basic(run_cli, fake, tmp_path, constitution)
     assert first.code == 0
-    sent = len(fake.requests)
+    sent = len(fake.work())
     fresh = run_basic(run_cli, fake, tmp_path, constitution, "--fresh")
     assert fresh.code == 0
-    assert len(fake.requests) == 2 * sent
+    assert len(fake.work()) == 2 * sent
     assert fresh.json("manifest.json")["stats"]["cached"] == {}
 
 
 def test_chat_policy_sends_the_end_strings_as_stop(run_cli, fake, tmp_path, constitution):
     run = run_basic(run_cli, fake, tmp_path, constitution, "--end_strings", "</s>", prompts=PROMPTS[:1])
     assert run.code == 0
-    policy = [r.body for r in fake.requests if "FULL TEXT" not in json.dumps(r.body)]
+    policy = [r.body for r in fake.work() if "FULL TEXT" not in json.dumps(r.body)]
     assert policy and all(b["stop"] == ["</s>"] for b in policy)
 
 

@@ -164,6 +164,7 @@ class Engine:
         self.aimd = {role: Aimd(lim, lim.limit) for role, lim in self.limiters.items()} if settings.adaptive else {}
         self.pacers = {"policy": Pacer(settings.policy_rpm), "judge": Pacer(settings.judge_rpm)}
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=settings.failure_window)
+        self._details: Counter[str] = Counter()  # the words of each failure, to quote the commonest on a stop
         self.policy_identity = policy.identity() if policy else {}
         self.judge_identity = judge.identity() if judge else {}
         self._batcher: Batcher[float, str, Completion | BadModelOutput] | None = None
@@ -312,6 +313,7 @@ class Engine:
     def _fail(self, prompt: str, stage: str, exc: BackendError) -> None:
         self.store.put_failure(Failure(prompt, stage, exc.reason, str(exc)))
         self.stats.failures[f"{stage}: {exc.reason}"] += 1
+        self._details[str(exc)[:200]] += 1
         # Labels the judge could not stand behind say something about the data, not about a broken run.
         self._outcome(isinstance(exc, (Inconsistent, TooFewCandidates, CopiedDecision)))
 
@@ -323,9 +325,11 @@ class Engine:
             self.s.max_failure_rate
         ):
             top = ", ".join(f"{reason} ({n})" for reason, n in self.stats.failures.most_common(3))
+            detail, times = self._details.most_common(1)[0]
             raise RunAborted(
                 f"stopped: {failed} of the last {len(self._outcomes)} prompts failed, above --max-failure-rate "
-                f"{self.s.max_failure_rate:g}; most common: {top}. Finished work is kept: fix the cause, then "
+                f"{self.s.max_failure_rate:g}; most common: {top}; most common detail ({times}x): {detail}. "
+                "Finished work is kept and every failure is in failures.jsonl: fix the cause, then "
                 "Rerun the same command to continue."
             )
 

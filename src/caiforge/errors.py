@@ -7,6 +7,7 @@
         ├── TransientError    worth retrying: 429, 5xx, timeouts, connection resets, truncated bodies
         │   └── RateLimited   429, with the server's Retry-After when it sent one
         ├── PermanentError    not worth retrying: 4xx other than 408/429, a bad URL
+        │   └── Refused       a request-validation error naming fields we sent (any status): adapt, never retry
         └── BadModelOutput    the model answered, but not usably (no decision, ids out of range, ...)
 
 Lower-layer errors (aiohttp, json, OSError) are translated with ``raise X(...) from exc`` at the edge that
@@ -58,6 +59,21 @@ class PermanentError(BackendError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Refused(PermanentError):
+    """The server rejected fields of the request (e.g. ``response_format``, ``top_k``) as invalid.
+
+    Deterministic whatever the status (llama-cpp-python answers a validation error with HTTP 500): sending the
+    same body again cannot succeed, so the backend steps down (drops the field, or a simpler structured-output
+    form) instead of retrying.
+    """
+
+    reason = "request refused"
+
+    def __init__(self, message: str, status: int | None, fields: frozenset[str]) -> None:
+        super().__init__(message, status)
+        self.fields = fields
 
 
 class BadModelOutput(BackendError):

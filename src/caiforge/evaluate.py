@@ -23,7 +23,7 @@ from .inputs import lines_of, read_text
 from .judge import quote_tag
 from .keys import sha256_text
 from .outputs import write_json
-from .pipeline import engine_settings, judge_spec, load_judging, prepare_output_dir
+from .pipeline import check_endpoints, endpoints, engine_settings, judge_spec, load_judging, prepare_output_dir
 from .principles import pick
 from .progress import Progress
 from .store import Store
@@ -133,6 +133,7 @@ async def eval_async(cfg: RunConfig, pairs_path: Path, limit: int | None, fresh:
     prepare_output_dir(cfg.output_dir)
     spec = judge_spec(cfg, constitution, principles)
     judge = make_judge(cfg)
+    await check_endpoints([judge], cfg.quiet)
     store = Store.open(cfg.output_dir, fresh=fresh)
     store.begin_attempt({"eval_judge": str(pairs_path), "limit": limit, **cfg.public_dict()})
     progress = Progress({"judge": 2 * len(pairs)}, quiet=cfg.quiet)
@@ -154,6 +155,7 @@ async def eval_async(cfg: RunConfig, pairs_path: Path, limit: int | None, fresh:
             "layout": cfg.judge.layout,
             "judge": engine.judge_identity,
             "constitution_sha256": sha256_text(constitution),
+            "endpoints": endpoints(None, judge)[0],
             "requests": engine.stats.requests["judge"],
             "cached": engine.stats.cached["judge"],
         }

@@ -156,7 +156,7 @@ class Pacer:
     async def wait(self) -> None:
         if not self.interval:
             return
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()  # the clock asyncio.sleep keeps (monotonic; virtual in tests)
         start = max(now, self._next)
         self._next = start + self.interval  # reserve the slot before sleeping: callers queue in order
         if start > now:

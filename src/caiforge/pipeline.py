@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, bundled
-from .backends import make_judge, make_policy
+from .backends import JudgeBackend, PolicyBackend, make_judge, make_policy
 from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
 from .dataset import Pair
@@ -46,6 +46,7 @@ class RunResult:
     elapsed: float
     manifest: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how endpoints were adapted to (fields dropped, ...)
 
     @property
     def pairs(self) -> int:
@@ -81,6 +82,7 @@ class RunResult:
                 f"of judged prompts ({c['inconsistent']} inconsistent, recorded as failures)"
             )
         lines.append(f"  output: {self.output_dir}")
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -188,6 +190,41 @@ def describe(cfg: RunConfig) -> str:
     return text
 
 
+async def check_endpoints(backends: Iterable[PolicyBackend | JudgeBackend], quiet: bool) -> list[str]:
+    """Every endpoint at once, before the first real request: one line per endpoint that cannot serve.
+
+    Returns the notes worth keeping (e.g. a server that answers a model name it does not list)."""
+    backends = list(backends)
+    results = await asyncio.gather(*(b.check() for b in backends), return_exceptions=True)
+    problems: list[str] = []
+    notes: list[str] = []
+    for result in results:
+        if isinstance(result, InputError):
+            problems.append(str(result))
+        elif isinstance(result, BaseException):
+            raise result
+        elif result:
+            notes.append(result)
+            if not quiet:
+                print(f"caiforge: note: {result}", file=sys.stderr)
+    if problems:
+        for backend in backends:
+            await backend.aclose()
+        raise InputError("\ncaiforge: error: ".join(problems))
+    return notes
+
+
+def endpoints(policy: PolicyBackend | None, judge: JudgeBackend | None) -> tuple[dict[str, Any], list[str]]:
+    """What each endpoint turned out to need, for the manifest, and the sentences that say so."""
+    report: dict[str, Any] = {}
+    notes: list[str] = []
+    for role, backend in (("policy", policy), ("judge", judge)):
+        if backend is not None:
+            report[role], said = backend.adaptations()
+            notes += said
+    return report, notes
+
+
 def consistency(pairs: list[Pair], failures: list[Failure], passes: int) -> dict[str, Any]:
     """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
     if passes < 2:
@@ -210,8 +247,9 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     inputs = load_inputs(cfg)
     if not cfg.quiet:
         print(describe(cfg), file=sys.stderr)
-    prepare_output_dir(cfg.output_dir)
+    prepare_output_dir(cfg.output_dir)  # a bad input, output folder included, stops before any request
     policy, judge = make_policy(cfg), make_judge(cfg)
+    checked = await check_endpoints((policy, judge), cfg.quiet)
     spec = judge_spec(cfg, inputs.constitution, inputs.principles)
     settings = engine_settings(
         cfg, spec, cfg.policy.concurrency or policy.default_concurrency, judge.default_concurrency
@@ -227,10 +265,17 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     try:
         try:
             await engine.run(inputs.prompts)
+        except RunAborted:
+            # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
+            write_failures(cfg.output_dir / FAILURES_FILE, in_input_order(store.failures(), inputs.prompts))
+            raise
         finally:
             progress.close()
             await policy.aclose()
             await judge.aclose()
+        endpoint_report, adapted = endpoints(policy, judge)
+        notes = checked + adapted
+        endpoint_report["notes"] = notes
         collected = collect(inputs.prompts, store, settings, engine.policy_identity, engine.judge_identity)
         splits = write_dataset(cfg, collected, store)
         failures = in_input_order(store.failures(), inputs.prompts)
@@ -262,6 +307,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
                 "passes": cfg.judge.passes,
                 "layout": cfg.judge.layout,
             },
+            "endpoints": endpoint_report,
             "versions": _versions(),
             "timings": {"started": started_wall, "finished": time.time(), "elapsed_s": round(elapsed, 3)},
             "attempt": store.attempt,
@@ -273,7 +319,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         write_atomic(cfg.output_dir / "README.md", dataset_card(manifest, warnings))
         write_report(cfg.output_dir)
         status = "finished"
-        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest, warnings)
+        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest, warnings, notes)
     finally:
         store.end_attempt(status, engine.stats.as_dict())
         store.close()

@@ -33,6 +33,16 @@ class PolicyBackend(Protocol):
 
     async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]: ...
 
+    async def check(self) -> str | None:
+        """The cheapest call that proves the endpoint serves this run; raises EndpointError (one line) when it
+        cannot, returns a note worth printing, or None."""
+        ...
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        """What the endpoint turned out to need (for the manifest), and one sentence per change (for the
+        summary)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -55,5 +65,9 @@ class JudgeBackend(Protocol):
         """``schema`` constrains the reply where the endpoint can (JSON schema of the valid decisions);
         ``logprobs`` asks for the first position's top log-probabilities (soft labels)."""
         ...
+
+    async def check(self) -> str | None: ...
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]: ...
 
     async def aclose(self) -> None: ...

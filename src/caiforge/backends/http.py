@@ -2,20 +2,36 @@
 
 Status codes map onto the error tree so the engine can decide what to retry: 429 -> RateLimited (with the
 server's Retry-After), 408/5xx, timeouts, resets and unreadable bodies -> TransientError, other 4xx ->
-PermanentError. The API key is redacted from every message this module produces.
+PermanentError. A request-validation error that names fields we sent is Refused whatever its status
+(llama-cpp-python answers one with HTTP 500): it is deterministic, so the backend adapts instead of retrying.
+The API key is redacted from every message this module produces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import json
+import re
 import time
 from typing import Any
 
 import aiohttp
 
-from ..errors import PermanentError, RateLimited, TransientError
+from ..errors import PermanentError, RateLimited, Refused, TransientError
+
+# What a request-validation error says, across FastAPI/pydantic (vLLM, llama-cpp-python, SGLang), OpenAI, TGI.
+_VALIDATION = re.compile(
+    r"validation error|input should be|literal_error|extra_forbidden|extra inputs are not permitted|"
+    r"unrecognized request argument|unknown field|not supported|unsupported|not permitted|not allowed|"
+    r"invalid value|invalid type|is not valid|does not support",
+    re.IGNORECASE,
+)
+# FastAPI's location of the offending field: ('body', 'response_format', 'type') or ["body", "top_k"].
+_LOC = re.compile(r"""['"]loc['"]\s*:\s*[\(\[]\s*['"]body['"]\s*,\s*['"](\w+)['"]""")
+# Words that name the structured-output field without spelling it (guided decoding in vLLM's older API).
+STRUCTURED_WORDS = ("response_format", "json_schema", "json_object", "guided_json", "guided_decoding", "guided_grammar")
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -33,6 +49,50 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _names(text: str, word: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", text) is not None
+
+
+def refused_fields(status: int, text: str, payload: dict[str, Any] | None) -> frozenset[str]:
+    """The fields of ``payload`` a 400/422/5xx body rejects as invalid; empty when it is not such an error.
+
+    A pydantic ``loc`` is taken at its word; otherwise a field counts when the body names it and reads as a
+    validation error. Structured-output aliases map onto ``response_format``.
+    """
+    if not payload or (status not in (400, 422) and status < 500):
+        return frozenset()
+    located = set(_LOC.findall(text))
+    if not located:
+        if status >= 500 and not _VALIDATION.search(text):
+            return frozenset()
+        located = {key for key in payload if _names(text, key)}
+        if "response_format" in payload and any(_names(text, w) for w in STRUCTURED_WORDS):
+            located.add("response_format")
+    return frozenset(located & set(payload) - {"model", "messages", "prompt"})
+
+
+def connection_problem(exc: BaseException) -> str:
+    """A short, stable description of why no connection was made (the same cause gives the same words)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error
+        if isinstance(err, ConnectionRefusedError) or getattr(err, "errno", None) == errno.ECONNREFUSED:
+            return "connection refused"
+        if isinstance(err, OSError) and err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "host unreachable"
+        if (
+            "Name or service not known" in str(exc)
+            or "nodename nor servname" in str(exc)
+            or (exc.__class__.__name__ == "ClientConnectorDNSError")
+        ):
+            return "cannot resolve the host name"
+        return f"cannot connect ({err.strerror or err})" if isinstance(err, OSError) else "cannot connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, ConnectionResetError) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        return "connection reset"
+    return f"connection failed ({exc.__class__.__name__}: {exc})"
+
+
 class HttpClient:
     def __init__(self, timeout: float, api_key: str | None = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -48,40 +108,56 @@ class HttpClient:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
 
-    async def request_json(self, method: str, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def request_json(
+        self,
+        method: str,
+        url: str,
+        payload: dict[str, Any] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> dict[str, Any]:
         if self._session is None:
             # No connection cap here: the engine's limiter decides how many requests are in flight.
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
             )
+        timeout = timeout or self._timeout
         try:
-            async with self._session.request(method, url, json=payload, headers=self._headers()) as resp:
+            async with self._session.request(
+                method, url, json=payload, headers=self._headers(), timeout=timeout
+            ) as resp:
                 body = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
-            raise TransientError(self._redact(f"{method} {url}: no answer within {self._timeout.total:g}s")) from exc
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise TransientError(self._redact(f"no connection within {timeout.sock_connect:g}s: {url}")) from exc
+            raise TransientError(self._redact(f"no answer within {timeout.total:g}s: {method} {url}")) from exc
         except aiohttp.ClientPayloadError as exc:
-            msg = f"{method} {url}: truncated response body ({exc.__class__.__name__})"
+            msg = f"truncated response body ({exc.__class__.__name__}): {method} {url}"
             raise TransientError(self._redact(msg)) from exc
         except aiohttp.InvalidURL as exc:
             raise PermanentError(f"invalid URL {url!r}") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransientError(self._redact(f"{method} {url}: connection failed: {exc!r}")) from exc
-        text = body.decode("utf-8", errors="replace")
+            raise TransientError(self._redact(f"{connection_problem(exc)}: {url}")) from exc
+        text = self._redact(body.decode("utf-8", errors="replace"))
+        where = self._redact(f"{method} {url}")
         if status == 429:
-            raise RateLimited(self._redact(f"{method} {url}: HTTP 429"), parse_retry_after(retry_after))
+            raise RateLimited(f"{where}: HTTP 429", parse_retry_after(retry_after))
+        fields = refused_fields(status, text, payload)
+        if fields:
+            names = ", ".join(sorted(fields))
+            raise Refused(f"{where}: HTTP {status}, the server refused {names}: {text[:300]}", status, fields)
         if status == 408 or status >= 500:
-            raise TransientError(self._redact(f"{method} {url}: HTTP {status}: {text[:200]}"))
+            raise TransientError(f"{where}: HTTP {status}: {text[:200]}")
         if status >= 400:
             hint = " (check the API key)" if status in (401, 403) else ""
-            raise PermanentError(self._redact(f"{method} {url}: HTTP {status}{hint}: {text[:300]}"), status)
+            raise PermanentError(f"{where}: HTTP {status}{hint}: {text[:300]}", status)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TransientError(self._redact(f"{method} {url}: response is not JSON: {text[:120]!r}")) from exc
+            raise TransientError(f"{where}: response is not JSON: {text[:120]!r}") from exc
         if not isinstance(data, dict):
-            raise TransientError(self._redact(f"{method} {url}: response JSON is not an object"))
+            raise TransientError(f"{where}: response JSON is not an object")
         return data
 
     async def aclose(self) -> None:

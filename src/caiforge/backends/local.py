@@ -144,6 +144,12 @@ class LocalPolicy:
             out.append(Completion(completion.text.strip(), completion.prompt_tokens, completion.completion_tokens))
         return out
 
+    async def check(self) -> str | None:
+        return None  # loading the model already proved it usable
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        return {}, []
+
     async def aclose(self) -> None:
         return None
 
@@ -175,6 +181,12 @@ class LocalJudge:
         if logprobs:
             params["logprobs"], params["top_logprobs"] = True, 20
         return await self._model.achat(messages, **params)
+
+    async def check(self) -> str | None:
+        return None  # loading the model already proved it usable
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        return {}, []
 
     async def aclose(self) -> None:
         return None

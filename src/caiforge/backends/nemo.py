@@ -11,6 +11,7 @@ from typing import Any
 from ..config import RunConfig
 from ..errors import BadModelOutput, TransientError
 from .base import Completion
+from .checks import check_nemo
 from .http import HttpClient
 
 
@@ -24,6 +25,13 @@ class NemoPolicy:
         self.max_batch_size = cfg.policy.batch_size
         self.url = f"http://{cfg.policy.host}:{cfg.policy.port}/generate"
         self._http = HttpClient(cfg.request_timeout)
+
+    async def check(self) -> str | None:
+        await check_nemo(self._http, self.url)
+        return None
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        return {"url": self.url}, []
 
     def identity(self) -> dict[str, Any]:
         # Named by --policy-model, not by address: a server restarted elsewhere must not void hours of work.

@@ -11,11 +11,26 @@ import os
 from typing import Any
 
 from ..config import RunConfig
-from ..errors import BadModelOutput, PermanentError, TransientError
+from ..errors import BadModelOutput, Refused, TransientError
+from .adapt import EndpointAdapter
 from .base import Completion
+from .checks import check_openai
 from .http import HttpClient
 
 POLICY_KEY_ENV = "CAIFORGE_POLICY_API_KEY"
+
+
+async def post_adapting(
+    http: HttpClient, adapter: EndpointAdapter, url: str, payload: dict[str, Any], schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """POST, stepping down on each refusal (each step changes the body, so this ends); never a blind resend."""
+    while True:
+        body = adapter.build(payload, schema)
+        try:
+            return await http.request_json("POST", url, body)
+        except Refused as exc:
+            if not adapter.adapt(exc, body):
+                raise
 
 
 def endpoint(url: str, path: str) -> str:
@@ -67,6 +82,28 @@ class OpenAIPolicy:
         self.url = endpoint(cfg.policy.url, "/chat/completions" if chat else "/completions")
         key = cfg.policy.api_key.get_secret_value() if cfg.policy.api_key else os.environ.get(POLICY_KEY_ENV)
         self._http = HttpClient(cfg.request_timeout, key)
+        self._adapter = EndpointAdapter("policy", self.url, structured=False)
+
+    async def check(self) -> str | None:
+        probe: dict[str, Any] = {"model": self._cfg.policy.model, "max_tokens": 1}
+        if self._chat:
+            probe["messages"] = [{"role": "user", "content": "Hello"}]
+        else:
+            probe["prompt"] = "Hello"
+        return await check_openai(
+            self._http,
+            role="policy",
+            url=self.url,
+            model=str(self._cfg.policy.model),
+            probe_url=self.url,
+            probe=probe,
+            url_flag="--policy-url",
+            model_flag="--policy-model",
+            key_env=POLICY_KEY_ENV,
+        )
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        return self._adapter.report(structured=False), list(self._adapter.notes)
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
@@ -104,7 +141,7 @@ class OpenAIPolicy:
     async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]:
         out: list[Completion | BadModelOutput] = []
         for prompt in prompts:
-            data = await self._http.request_json("POST", self.url, self._payload(prompt, temperature))
+            data = await post_adapting(self._http, self._adapter, self.url, self._payload(prompt, temperature))
             choice = _first_choice(data, self.url)
             text = (choice.get("message") or {}).get("content") if self._chat else choice.get("text")
             if not isinstance(text, str):
@@ -126,7 +163,25 @@ class OpenAIJudge:
         self.url = endpoint(cfg.judge.url, "/chat/completions")
         key = cfg.judge.api_key.get_secret_value() if cfg.judge.api_key else None
         self._http = HttpClient(cfg.request_timeout, key)
-        self._structured = cfg.judge.structured == "auto"
+        self._adapter = EndpointAdapter("judge", self.url, structured=cfg.judge.structured == "auto")
+
+    async def check(self) -> str | None:
+        probe = {"model": self._cfg.model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1}
+        return await check_openai(
+            self._http,
+            role="judge",
+            url=self.url,
+            model=self._cfg.model,
+            probe_url=self.url,
+            probe=probe,
+            url_flag="--judge-url",
+            model_flag="--judge-model",
+            key_env="NGC_API_KEY",
+            key_flag="--ngc-api-key",
+        )
+
+    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
+        return self._adapter.report(structured=True), list(self._adapter.notes)
 
     def identity(self) -> dict[str, Any]:
         j = self._cfg
@@ -159,18 +214,7 @@ class OpenAIJudge:
         }
         if logprobs:
             payload["logprobs"], payload["top_logprobs"] = True, 20  # OpenAI's maximum
-        if schema is not None and self._structured:
-            payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}}
-        try:
-            data = await self._http.request_json("POST", self.url, payload)
-        except PermanentError as exc:
-            text = str(exc).lower()
-            refused = any(word in text for word in ("response_format", "json_schema", "schema", "guided"))
-            if "response_format" not in payload or exc.status not in (400, 422) or not refused:
-                raise
-            self._structured = False  # this server does not take a JSON schema: ask in plain text from now on
-            del payload["response_format"]
-            data = await self._http.request_json("POST", self.url, payload)
+        data = await post_adapting(self._http, self._adapter, self.url, payload, schema)
         choice = _first_choice(data, self.url)
         content = (choice.get("message") or {}).get("content")
         if not isinstance(content, str):

@@ -27,8 +27,9 @@ from typing import Any
 
 from aiohttp import web
 
-PATHS = {"/generate": "PUT", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
-FAULT_KINDS = ("500", "429", "429-retry-after", "hang", "reset", "truncate", "nonjson")
+PATHS = {"/generate": "PUT", "/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET"}
+STRUCTURED_LEVELS = ("none", "json_object", "json_schema")
+FAULT_KINDS = ("500", "401", "429", "429-retry-after", "hang", "reset", "truncate", "nonjson")
 JUDGE_STYLES = (
     "plain",
     "flaky-empty",
@@ -72,7 +73,14 @@ class FakeConfig:
     faults: list[Fault] = field(default_factory=list)
     max_concurrent: int | None = None
     require_api_key: str | None = None
-    reject_response_format: bool = False  # answer 400 to a request with response_format, as some servers do
+    # The richest response_format this server takes: "json_schema" (vLLM), "json_object" (llama-cpp-python,
+    # with a "schema"), "none"; anything richer is refused with ``refusal_status`` and a pydantic-style body.
+    structured: str = "json_schema"
+    strict_fields: tuple[str, ...] = ()  # request fields refused the same way (OpenAI refuses top_k)
+    refusal_status: int = 400  # llama-cpp-python answers validation errors with 500
+    models: tuple[str, ...] | None = None  # served models (GET /v1/models); None: any name, and no list
+    enforce_models: bool = True  # False: list ``models`` but answer any name, as llama.cpp does
+    hold: threading.Event | None = None  # admitted requests wait until it is set: concurrency without timing
     seed: int = 0
 
 
@@ -87,6 +95,18 @@ class RecordedRequest:
     status: int
     time: float
     duration: float = 0.0
+    delay: float = 0.0  # the latency the server chose to add (latency + jitter)
+
+    @property
+    def is_check(self) -> bool:
+        """caiforge's endpoint check before a run: ``GET /v1/models`` or a one-token "Hello"."""
+        body = self.body if isinstance(self.body, dict) else {}
+        if self.path == "/v1/models":
+            return True
+        if self.path == "/generate":
+            return body.get("tokens_to_generate") == 1 and body.get("sentences") == ["Hello"]
+        hello = body.get("prompt") == "Hello" or body.get("messages") == [{"role": "user", "content": "Hello"}]
+        return body.get("max_tokens") == 1 and hello
 
 
 def policy_response(prompt: str, temperature: float) -> str:
@@ -204,6 +224,12 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response(body, status=status, headers=headers)
 
 
+def _validation_error(status: int, loc: tuple[str, ...], expected: str, got: Any) -> web.Response:
+    """As llama-cpp-python words a FastAPI RequestValidationError (it answers them with HTTP 500)."""
+    detail = [{"type": "literal_error", "loc": loc, "msg": f"Input should be {expected}", "input": got}]
+    return _error(status, repr(detail))
+
+
 class _PolicyFailure(Exception):
     """The prompt asked for a 500 via ``[[policy:500]]``."""
 
@@ -280,6 +306,7 @@ class FakeServer:
 
     async def _startup(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("GET", "/_stats", self._stats)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25)
         await self._runner.setup()
@@ -303,12 +330,21 @@ class FakeServer:
         self.stop()
 
     # ---- records ---------------------------------------------------------------------------------
-    def count(self, path: str | None = None, status: int | None = None) -> int:
-        """Number of finished requests matching ``path`` and/or ``status``."""
+    def count(self, path: str | None = None, status: int | None = None, checks: bool = False) -> int:
+        """Number of finished requests matching ``path`` and/or ``status`` (endpoint checks only if asked)."""
         with self._lock:
             return sum(
-                1 for r in self.requests if (path is None or r.path == path) and (status is None or r.status == status)
+                1
+                for r in self.requests
+                if (path is None or r.path == path)
+                and (status is None or r.status == status)
+                and (checks or not r.is_check)
             )
+
+    def work(self) -> list[RecordedRequest]:
+        """The finished requests that are work, not caiforge's endpoint checks before a run."""
+        with self._lock:
+            return [r for r in self.requests if not r.is_check]
 
     def reset_records(self) -> None:
         """Forget recorded requests and the in-flight high-water mark (fault state is kept)."""
@@ -332,6 +368,15 @@ class FakeServer:
                 self._log_file.write(json.dumps(line) + "\n")
 
     # ---- request handling ------------------------------------------------------------------------
+    async def _stats(self, request: web.Request) -> web.Response:
+        """The server's own view, for tests of a server in another process (never recorded itself)."""
+        with self._lock:
+            counts: dict[str, int] = defaultdict(int)
+            for r in self.requests:
+                counts[str(r.status)] += 1
+            stats = {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight, "finished": len(self.requests)}
+        return web.json_response({**stats, "by_status": counts})
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rec = RecordedRequest(request.path, request.method, None, dict(request.headers), 500, time.time())
         with self._lock:
@@ -359,10 +404,14 @@ class FakeServer:
         key = cfg.require_api_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             return _error(401, "invalid or missing API key")
+        if cfg.hold is not None:
+            while not cfg.hold.is_set():
+                await asyncio.sleep(0.005)
         delay = cfg.latency
         if cfg.jitter > 0:
             with self._lock:
                 delay += self._jitter_rng.uniform(0, cfg.jitter)
+        rec.delay = delay
         if delay > 0:
             await asyncio.sleep(delay)
         try:
@@ -374,8 +423,15 @@ class FakeServer:
             return _error(404, f"no route {request.path}")
         if request.method != PATHS[request.path]:
             return _error(405, f"{request.path} expects {PATHS[request.path]}")
+        if request.path == "/v1/models":
+            if cfg.models is None:
+                return _error(404, f"no route {request.path}")
+            return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in cfg.models]})
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
+        refusal = self._refusal(body)
+        if refusal is not None:
+            return refusal
         fault = self._pick_fault(request.path, body)
         if fault is not None:
             if fault.kind != "hang":
@@ -389,6 +445,22 @@ class FakeServer:
             return _error(500, "policy directive [[policy:500]]")
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return _error(400, f"bad request: {exc!r}")
+
+    def _refusal(self, body: dict[str, Any]) -> web.Response | None:
+        """A deterministic request-validation error, worded as FastAPI/pydantic servers word it."""
+        cfg = self.config
+        if cfg.models is not None and cfg.enforce_models and "model" in body and body["model"] not in cfg.models:
+            return _error(404, f"The model `{body['model']}` does not exist.")
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict):
+            asked = {"json_schema": "json_schema", "json_object": "json_object"}.get(str(fmt.get("type")), "none")
+            if STRUCTURED_LEVELS.index(asked) > STRUCTURED_LEVELS.index(cfg.structured):
+                allowed = "'text'" + (" or 'json_object'" if cfg.structured == "json_object" else "")
+                return _validation_error(cfg.refusal_status, ("body", "response_format", "type"), allowed, asked)
+        for name in cfg.strict_fields:
+            if name in body:
+                return _validation_error(cfg.refusal_status, ("body", name), "absent", body[name])
+        return None
 
     def _pick_fault(self, path: str, body: dict[str, Any]) -> Fault | None:
         """First matching fault in list order; first_n counts attempts per (fault, path, body-minus-seed)."""
@@ -413,6 +485,8 @@ class FakeServer:
     async def _fail(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.kind == "500":
             return _error(500, "injected internal server error")
+        if fault.kind == "401":
+            return _error(401, "injected: invalid or missing API key")
         if fault.kind == "429":
             return _error(429, "injected rate limit")
         if fault.kind == "429-retry-after":
@@ -479,8 +553,6 @@ class FakeServer:
         users = [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
         if not users:
             raise ValueError("no user message")
-        if self.config.reject_response_format and "response_format" in body:
-            return _error(400, "response_format is not supported by this server")
         logprobs = None
         if is_pairwise_request(users[-1]):
             m = _JUDGE_DIRECTIVE_RE.search(users[-1])
@@ -563,6 +635,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-concurrent", type=int, default=None)
     ap.add_argument("--fault", type=parse_fault, action="append", default=[], metavar="KIND[:k=v,...]")
     ap.add_argument("--require-api-key", default=None)
+    ap.add_argument("--structured", default="json_schema", choices=STRUCTURED_LEVELS)
+    ap.add_argument("--strict-field", action="append", default=[], help="a request field refused as invalid")
+    ap.add_argument("--refusal-status", type=int, default=400)
+    ap.add_argument("--models", default=None, help="comma-separated served models (default: any, no list)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default=None, help="append one JSON line per finished request")
     args = ap.parse_args(argv)
@@ -573,6 +649,10 @@ def main(argv: list[str] | None = None) -> None:
         faults=args.fault,
         max_concurrent=args.max_concurrent,
         require_api_key=args.require_api_key,
+        structured=args.structured,
+        strict_fields=tuple(args.strict_field),
+        refusal_status=args.refusal_status,
+        models=tuple(args.models.split(",")) if args.models else None,
         seed=args.seed,
     )
     done = threading.Event()

@@ -1,0 +1,103 @@
+"""Each endpoint is checked with the cheapest call its protocol has before the run sends a real request.
+
+A typo in a port, a refused key or a wrong model name should cost two seconds and one clear line, not
+minutes of retries ending in "transient error". OpenAI-compatible servers get ``GET /v1/models``; when the
+list does not name our model, one single-token request settles it (llama.cpp answers whatever it loaded,
+vLLM refuses an unknown name). NeMo gets a one-token generate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from ..errors import BackendError, InputError, PermanentError, TransientError
+from .http import HttpClient
+
+CHECK_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=2)
+
+
+class EndpointError(InputError):
+    """An endpoint that cannot serve the run; the message is one line: where, what, and what to type."""
+
+
+def base_url(url: str) -> str:
+    """``http://h:8000/v1/chat/completions`` -> ``http://h:8000/v1``."""
+    url = url.rstrip("/")
+    for tail in ("/chat/completions", "/completions"):
+        if url.endswith(tail):
+            return url[: -len(tail)]
+    return url
+
+
+def _problem(exc: BackendError) -> str:
+    """The error's words without the request line (the message names the endpoint once)."""
+    text = str(exc)
+    return text.split(": http", 1)[0] if isinstance(exc, TransientError) and ": http" in text else text
+
+
+def _key_hint(key_env: str, key_flag: str | None) -> str:
+    flag = f" (or pass {key_flag})" if key_flag else ""
+    return f"export {key_env}=<your key>{flag}"
+
+
+async def check_openai(
+    http: HttpClient,
+    *,
+    role: str,
+    url: str,
+    model: str,
+    probe_url: str,
+    probe: dict[str, Any],
+    url_flag: str,
+    model_flag: str,
+    key_env: str,
+    key_flag: str | None = None,
+) -> str | None:
+    """Raises EndpointError when the endpoint cannot serve; returns a note worth printing, if any."""
+    base = base_url(url)
+    where = f"{role} endpoint {base}"
+    try:
+        listing = await http.request_json("GET", f"{base}/models", timeout=CHECK_TIMEOUT)
+    except TransientError as exc:
+        text = str(exc)
+        if text.startswith(("connection refused", "cannot", "host unreachable", "no connection")):
+            raise EndpointError(f"{where}: {_problem(exc)}; start the server there, or fix {url_flag}") from exc
+        return f"{where}: GET /models did not answer cleanly ({_problem(exc)[:120]}); going on"
+    except PermanentError as exc:
+        if exc.status in (401, 403):
+            raise EndpointError(
+                f"{where}: HTTP {exc.status}, the API key was refused or is missing; {_key_hint(key_env, key_flag)}"
+            ) from exc
+        if exc.status in (404, 405):
+            return None  # no model list here: the first request will tell
+        raise EndpointError(f"{where}: GET /models failed: {str(exc)[:200]}") from exc
+    served = [str(m.get("id")) for m in listing.get("data") or [] if isinstance(m, dict)]
+    if model in served:
+        return None
+    try:
+        await http.request_json("POST", probe_url, probe, timeout=CHECK_TIMEOUT)
+    except PermanentError as exc:
+        if exc.status in (400, 404, 422) and "model" in str(exc).lower():
+            some = ", ".join(served[:5]) + (", ..." if len(served) > 5 else "")
+            fix = f"use {model_flag} {served[0]}" if served else f"fix {model_flag}"
+            raise EndpointError(f"{where}: model {model!r} is not served there (it serves: {some}); {fix}") from exc
+        return None  # some other refusal: the run adapts to it or records it
+    except TransientError:
+        return None
+    return None if not served else f"{where}: model {model!r} is not in its list ({served[0]}, ...), but it answers"
+
+
+async def check_nemo(http: HttpClient, url: str) -> None:
+    """One-token generate on NeMo's ``PUT /generate``."""
+    payload = {"sentences": ["Hello"], "tokens_to_generate": 1, "temperature": 1.0, "add_BOS": False}
+    try:
+        await http.request_json("PUT", url, payload, timeout=CHECK_TIMEOUT)
+    except TransientError as exc:
+        text = str(exc)
+        if text.startswith(("connection refused", "cannot", "host unreachable", "no connection")):
+            fix = "start the NeMo server, or fix --host/--port"
+            raise EndpointError(f"policy endpoint {url}: {_problem(exc)}; {fix}") from exc
+    except PermanentError as exc:
+        raise EndpointError(f"policy endpoint {url}: a one-token generate failed: {str(exc)[:200]}") from exc
