@@ -61,7 +61,7 @@ def main() -> None:
         model=args.model,
         n_ctx=args.n_ctx,
         n_threads=args.threads,
-        n_threads_batch=args.threads,  # more threads than cores spin and collapse when the machine is busy
+        n_threads_batch=args.threads,  # one core: the other is the test process's
         logits_all=True,  # log-probabilities for the CAI paper's soft labels
         verbose=False,
     )

@@ -63,6 +63,7 @@ def test_local_policy_and_judge_make_real_pairs(run_cli, tmp_path):
     assert (again.out / "cai_preference_dataset.json").read_text() == before
 
 
+@pytest.mark.timeout(3600)  # about 3 minutes idle, 1.5x that with both cores busy; the limit only catches hangs
 def test_no_arguments_runs_the_bundled_defaults_into_caiforge_out(tmp_path):
     """`caiforge run` alone: bundled prompts and constitution, local model, ./caiforge-out. One flag shortens it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -73,7 +74,7 @@ def test_no_arguments_runs_the_bundled_defaults_into_caiforge_out(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=3000,
     )
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "caiforge-out"

@@ -57,16 +57,7 @@ class LocalModel:
         if not path.is_file():
             raise InputError(f"{path}: local model file not found")
         try:
-            # n_threads_batch too: llama.cpp's default (every core) spins in its barriers and collapses
-            # prompt processing when anything else runs on the machine.
-            self.llm = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-                logits_all=logits_all,
-            )
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, logits_all=logits_all)
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{path}: cannot load the model: {exc}") from exc
         self.path, self.threads, self.n_ctx = path, threads, n_ctx
