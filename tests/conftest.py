@@ -89,3 +89,26 @@ def server_flags(server: FakeServer, policy: str = "openai-chat") -> list[str]:
     else:
         pol = ["--policy-backend", policy, "--policy-url", f"{server.url}/v1", "--policy-model", "fake-policy"]
     return [*pol, "--judge-url", f"{server.url}/v1", "--judge-model", "fake-judge"]
+
+
+def run_on(
+    run_cli,
+    server,
+    tmp_path: Path,
+    constitution: Path,
+    *extra: str,
+    prompts: list[str],
+    policy: str = "openai-chat",
+    name: str = "out",
+) -> Run:
+    """A run of ``prompts`` against ``server`` for both roles, into ``tmp_path / name``."""
+    path = write_prompts(tmp_path / f"{name}.jsonl", prompts)
+    return run_cli(
+        "--red-teaming-file-path",
+        str(path),
+        "--sys-prompt-constitution-file-path",
+        str(constitution),
+        *server_flags(server, policy),
+        *extra,
+        out=tmp_path / name,
+    )

@@ -13,22 +13,13 @@ import pytest
 
 from caiforge.backends.http import refused_fields
 from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault
-from conftest import server_flags, write_prompts
+from conftest import run_on, write_prompts
 
 PROMPTS = [f"Endpoint prompt {i}: how do I do a bad thing?" for i in range(6)]
 
 
 def run(run_cli, server, tmp_path, constitution, *extra, policy="openai-chat", name="out", prompts=PROMPTS):
-    path = write_prompts(tmp_path / f"{name}.jsonl", prompts)
-    return run_cli(
-        "--red-teaming-file-path",
-        str(path),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(server, policy),
-        *extra,
-        out=tmp_path / name,
-    )
+    return run_on(run_cli, server, tmp_path, constitution, *extra, prompts=prompts, policy=policy, name=name)
 
 
 def judge_requests(server):

@@ -13,7 +13,7 @@ from caiforge import bundled
 from caiforge.cli import main
 from caiforge.judge import distinct, shown_order
 from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault
-from conftest import server_flags, write_prompts
+from conftest import run_on
 
 KEYS = ["response_t=0.01", "response_t=0.51", "response_t=1.01", "response_t=1.51"]
 PROMPTS = [f"Judging prompt {i}: how do I do something harmful?" for i in range(12)]
@@ -24,16 +24,7 @@ def harm(text: str) -> float:
 
 
 def run(run_cli, fake, tmp_path, constitution, *extra, prompts=PROMPTS, name="out"):
-    path = write_prompts(tmp_path / f"{name}.jsonl", prompts)
-    return run_cli(
-        "--red-teaming-file-path",
-        str(path),
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        *server_flags(fake),
-        *extra,
-        out=tmp_path / name,
-    )
+    return run_on(run_cli, fake, tmp_path, constitution, *extra, prompts=prompts, name=name)
 
 
 def judge_bodies(fake):
@@ -132,8 +123,10 @@ def test_structured_output_is_requested_and_falls_back(run_cli, fake, tmp_path, 
         result = run(run_cli, strict, tmp_path, constitution, name="strict")
         assert result.code == 0 and len(result.json("cai_preference_dataset.json")) == len(PROMPTS)
         bodies = judge_bodies(strict)
-        refused = strict.count(status=400)  # only those already in flight when the first refusal came back
-        assert 1 <= refused <= 4 and sum("response_format" in b for b in bodies) == refused
+        # Two steps down (json_schema, then json_object), each refused only for the requests already in flight
+        # when its first refusal came back: at most the limiter's starting 4 per step.
+        refused = strict.count(status=400)
+        assert 2 <= refused <= 8 and sum("response_format" in b for b in bodies) == refused
         assert len(bodies) == len(PROMPTS) + refused
     off = run(run_cli, fake, tmp_path, constitution, "--judge-structured", "off", name="off")
     assert off.code == 0
@@ -263,23 +256,18 @@ def test_eval_judge_measures_accuracy_consistency_and_position(
     assert len(judged) == 20 and "and then?" in judged[0]
 
 
+def eval_args(pairs: Path, fake: FakeServer, constitution: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "eval-judge",
+        *("--pairs", str(pairs), "--judge-url", f"{fake.url}/v1", "--output-dir", str(out)),
+        *("--sys-prompt-constitution-file-path", str(constitution), "--quiet", *extra),
+    ]
+
+
 def test_eval_judge_counts_parse_failures_and_resumes(fake, tmp_path, constitution):
     fake.config.judge_style = "garbage"
     pairs = human_pairs(tmp_path / "pairs.jsonl", 3)
-    args = [
-        "eval-judge",
-        "--pairs",
-        str(pairs),
-        "--judge-url",
-        f"{fake.url}/v1",
-        "--judge-parse-retries",
-        "0",
-        "--sys-prompt-constitution-file-path",
-        str(constitution),
-        "--output-dir",
-        str(tmp_path / "e"),
-        "--quiet",
-    ]
+    args = eval_args(pairs, fake, constitution, tmp_path / "e", "--judge-parse-retries", "0")
     assert main(args) == 0
     summary = json.loads((tmp_path / "e" / "eval_summary.json").read_text())
     assert summary["parse_failures"] == 6 and summary["accuracy"] is None
@@ -307,39 +295,14 @@ def test_eval_judge_fails_loudly_when_the_judge_cannot_be_reached(fake, tmp_path
     fake.config.require_api_key = "right"
     monkeypatch.setenv("NGC_API_KEY", "wrong")
     pairs = human_pairs(tmp_path / "pairs.jsonl", 3)
-    code = main(
-        [
-            "eval-judge",
-            "--pairs",
-            str(pairs),
-            "--judge-url",
-            f"{fake.url}/v1",
-            "--output-dir",
-            str(tmp_path / "e"),
-            "--sys-prompt-constitution-file-path",
-            str(constitution),
-            "--quiet",
-        ]
-    )
+    args = eval_args(pairs, fake, constitution, tmp_path / "e")
+    code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and "judge endpoint" in err and "HTTP 401" in err and "NGC_API_KEY" in err
     assert "wrong" not in err and fake.work() == []
     # Past the check (the model list is open), every judgment refused: a loud failure, not a summary.
     fake.config.require_api_key = None
     fake.config.faults = [Fault("401", rate=1.0, paths=("/v1/chat/completions",))]
-    code = main(
-        [
-            "eval-judge",
-            "--pairs",
-            str(pairs),
-            "--judge-url",
-            f"{fake.url}/v1",
-            "--output-dir",
-            str(tmp_path / "e"),
-            "--sys-prompt-constitution-file-path",
-            str(constitution),
-            "--quiet",
-        ]
-    )
+    code = main(args)
     err = capsys.readouterr().err
     assert code == 1 and "every judge request failed" in err and "401" in err and "wrong" not in err
