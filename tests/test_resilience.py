@@ -80,6 +80,10 @@ def server_process(tmp_path):
         server.stop()
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def caiforge_cmd(server, prompts_file: Path, constitution: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -166,7 +170,9 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(server_process, t
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(60))
     limits = ("--policy-concurrency", "4", "--judge-concurrency", "4")
     cmd = caiforge_cmd(server, prompts_file, constitution, tmp_path / "out", *limits)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then leaves it
+    # ignored: give the run the disposition a terminal gives it, whatever started this test.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     while len(server.entries()) < 20:
         time.sleep(0.02)
     proc.send_signal(sig)
