@@ -5,7 +5,8 @@
     ├── RunAborted            the run stopped on purpose (Ctrl-C, SIGTERM, failure rate): resumable
     └── BackendError          a request to a model failed
         ├── TransientError    worth retrying: 429, 5xx, timeouts, connection resets, truncated bodies
-        │   └── RateLimited   429, with the server's Retry-After when it sent one
+        │   ├── RateLimited   429, with the server's Retry-After when it sent one
+        │   └── Unreachable   no connection was made (refused, unknown host, connect timeout)
         ├── PermanentError    not worth retrying: 4xx other than 408/429, a bad URL
         │   └── Refused       a request-validation error naming fields we sent (any status): adapt, never retry
         └── BadModelOutput    the model answered, but not usably (no decision, ids out of range, ...)
@@ -49,6 +50,14 @@ class RateLimited(TransientError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unreachable(TransientError):
+    """No connection was made; ``problem`` says why in words that are the same for the same cause."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 class PermanentError(BackendError):

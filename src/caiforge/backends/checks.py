@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from ..errors import BackendError, InputError, PermanentError, TransientError
+from ..errors import InputError, PermanentError, TransientError, Unreachable
 from .http import HttpClient
 
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=2)
@@ -31,12 +31,6 @@ def base_url(url: str) -> str:
     return url
 
 
-def _problem(exc: BackendError) -> str:
-    """The error's words without the request line (the message names the endpoint once)."""
-    text = str(exc)
-    return text.split(": http", 1)[0] if isinstance(exc, TransientError) and ": http" in text else text
-
-
 def _key_hint(key_env: str, key_flag: str | None) -> str:
     flag = f" (or pass {key_flag})" if key_flag else ""
     return f"export {key_env}=<your key>{flag}"
@@ -48,8 +42,7 @@ async def check_openai(
     role: str,
     url: str,
     model: str,
-    probe_url: str,
-    probe: dict[str, Any],
+    chat: bool,
     url_flag: str,
     model_flag: str,
     key_env: str,
@@ -60,11 +53,10 @@ async def check_openai(
     where = f"{role} endpoint {base}"
     try:
         listing = await http.request_json("GET", f"{base}/models", timeout=CHECK_TIMEOUT)
+    except Unreachable as exc:
+        raise EndpointError(f"{where}: {exc.problem}; start the server there, or fix {url_flag}") from exc
     except TransientError as exc:
-        text = str(exc)
-        if text.startswith(("connection refused", "cannot", "host unreachable", "no connection")):
-            raise EndpointError(f"{where}: {_problem(exc)}; start the server there, or fix {url_flag}") from exc
-        return f"{where}: GET /models did not answer cleanly ({_problem(exc)[:120]}); going on"
+        return f"{where}: GET /models did not answer cleanly ({str(exc)[:120]}); going on"
     except PermanentError as exc:
         if exc.status in (401, 403):
             raise EndpointError(
@@ -76,8 +68,13 @@ async def check_openai(
     served = [str(m.get("id")) for m in listing.get("data") or [] if isinstance(m, dict)]
     if model in served:
         return None
+    probe: dict[str, Any] = {"model": model, "max_tokens": 1}
+    if chat:
+        probe["messages"] = [{"role": "user", "content": "Hello"}]
+    else:
+        probe["prompt"] = "Hello"
     try:
-        await http.request_json("POST", probe_url, probe, timeout=CHECK_TIMEOUT)
+        await http.request_json("POST", url, probe, timeout=CHECK_TIMEOUT)
     except PermanentError as exc:
         if exc.status in (400, 404, 422) and "model" in str(exc).lower():
             some = ", ".join(served[:5]) + (", ..." if len(served) > 5 else "")
@@ -94,10 +91,10 @@ async def check_nemo(http: HttpClient, url: str) -> None:
     payload = {"sentences": ["Hello"], "tokens_to_generate": 1, "temperature": 1.0, "add_BOS": False}
     try:
         await http.request_json("PUT", url, payload, timeout=CHECK_TIMEOUT)
-    except TransientError as exc:
-        text = str(exc)
-        if text.startswith(("connection refused", "cannot", "host unreachable", "no connection")):
-            fix = "start the NeMo server, or fix --host/--port"
-            raise EndpointError(f"policy endpoint {url}: {_problem(exc)}; {fix}") from exc
+    except Unreachable as exc:
+        fix = "start the NeMo server, or fix --host/--port"
+        raise EndpointError(f"policy endpoint {url}: {exc.problem}; {fix}") from exc
+    except TransientError:
+        pass  # reachable; a busy or flaky server is the run's to retry
     except PermanentError as exc:
         raise EndpointError(f"policy endpoint {url}: a one-token generate failed: {str(exc)[:200]}") from exc

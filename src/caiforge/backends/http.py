@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from ..errors import PermanentError, RateLimited, Refused, TransientError
+from ..errors import PermanentError, RateLimited, Refused, TransientError, Unreachable
 
 # What a request-validation error says, across FastAPI/pydantic (vLLM, llama-cpp-python, SGLang), OpenAI, TGI.
 _VALIDATION = re.compile(
@@ -130,13 +130,17 @@ class HttpClient:
                 retry_after = resp.headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                raise TransientError(self._redact(f"no connection within {timeout.sock_connect:g}s: {url}")) from exc
+                problem = f"no connection within {timeout.sock_connect:g}s"
+                raise Unreachable(self._redact(f"{problem}: {url}"), problem) from exc
             raise TransientError(self._redact(f"no answer within {timeout.total:g}s: {method} {url}")) from exc
         except aiohttp.ClientPayloadError as exc:
             msg = f"truncated response body ({exc.__class__.__name__}): {method} {url}"
             raise TransientError(self._redact(msg)) from exc
         except aiohttp.InvalidURL as exc:
             raise PermanentError(f"invalid URL {url!r}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            problem = connection_problem(exc)
+            raise Unreachable(self._redact(f"{problem}: {url}"), problem) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransientError(self._redact(f"{connection_problem(exc)}: {url}")) from exc
         text = self._redact(body.decode("utf-8", errors="replace"))

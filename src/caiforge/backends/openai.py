@@ -85,18 +85,12 @@ class OpenAIPolicy:
         self._adapter = EndpointAdapter("policy", self.url, structured=False)
 
     async def check(self) -> str | None:
-        probe: dict[str, Any] = {"model": self._cfg.policy.model, "max_tokens": 1}
-        if self._chat:
-            probe["messages"] = [{"role": "user", "content": "Hello"}]
-        else:
-            probe["prompt"] = "Hello"
         return await check_openai(
             self._http,
             role="policy",
             url=self.url,
             model=str(self._cfg.policy.model),
-            probe_url=self.url,
-            probe=probe,
+            chat=self._chat,
             url_flag="--policy-url",
             model_flag="--policy-model",
             key_env=POLICY_KEY_ENV,
@@ -166,14 +160,12 @@ class OpenAIJudge:
         self._adapter = EndpointAdapter("judge", self.url, structured=cfg.judge.structured == "auto")
 
     async def check(self) -> str | None:
-        probe = {"model": self._cfg.model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1}
         return await check_openai(
             self._http,
             role="judge",
             url=self.url,
             model=self._cfg.model,
-            probe_url=self.url,
-            probe=probe,
+            chat=True,
             url_flag="--judge-url",
             model_flag="--judge-model",
             key_env="NGC_API_KEY",
