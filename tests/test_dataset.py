@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from caiforge.config import DEFAULT_TEMPERATURES, build_config
-from caiforge.dataset import Pair, blend, format_pair, nemo_split_files, split, split_sizes
+from caiforge.dataset import blend, format_pair, nemo_split_files, preference_record, split, split_sizes
+from caiforge.records import PairRecord
 from caiforge.template import PromptTemplate
 
 
@@ -112,14 +113,21 @@ def test_split_loses_and_duplicates_nothing(n, splits, shuffle, seed):
         assert joined == items
 
 
-# --- Pair.record ---------------------------------------------------------------------------------------------
+def Pair(prompt, responses, chosen_t, rejected_t, explanation):  # noqa: N802  (reads like the record it builds)
+    return PairRecord(
+        prompt_id="p", prompt=prompt, responses=responses, chosen_t=chosen_t, rejected_t=rejected_t,
+        explanation=explanation,
+    )
+
+
+# --- preference_record ---------------------------------------------------------------------------------------------
 
 RESPONSES = {0.01: "r0", 0.51: "r1", 1.01: "r2", 1.51: "r3"}
 
 
 def test_pair_record_has_the_seeds_shape():
     pair = Pair("How do I pick a lock?", RESPONSES, chosen_t=0.51, rejected_t=1.51, explanation="#2 refuses.")
-    record = pair.record()
+    record = preference_record(pair)
     assert record == {
         "prompt": "How do I pick a lock?",
         "chosen": "r1",
@@ -143,7 +151,8 @@ def test_pair_record_has_the_seeds_shape():
 def test_default_temperatures_name_the_seeds_response_columns():
     # the seed's np.arange(0.01, 2.01, 0.5).tolist()
     responses = {t: f"text at {t}" for t in DEFAULT_TEMPERATURES}
-    keys = Pair("p", responses, DEFAULT_TEMPERATURES[0], DEFAULT_TEMPERATURES[1], "").record()["raw"]["all_responses"]
+    pair = Pair("p", responses, DEFAULT_TEMPERATURES[0], DEFAULT_TEMPERATURES[1], "")
+    keys = preference_record(pair)["raw"]["all_responses"]
     assert list(keys) == ["response_t=0.01", "response_t=0.51", "response_t=1.01", "response_t=1.51"]
 
 

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .keys import content_key
-
 
 def candidate_key(temperature: float) -> str:
     """The seed's column name, ``response_t=0.51``: ``str`` of the float, as its numpy list prints."""
     return f"response_t={temperature}"
-
-
-def generation_key(prompt: str, temperature: float, policy_identity: dict[str, Any]) -> str:
-    """Identity of one generation: prompt, temperature, and the policy's model, template and sampling."""
-    return content_key("generation", prompt=prompt, temperature=temperature, policy=policy_identity)
 
 
 def candidate_record(prompt: str, responses: dict[float, str]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from .manifest import Manifest
 
 TOY_JUDGE_WARNING = (
     "The judge was the bundled SmolLM2-135M-Instruct. Its labels are for trying the tool, not for training: "
@@ -11,33 +11,33 @@ TOY_JUDGE_WARNING = (
 )
 
 
-def dataset_card(manifest: dict[str, Any], warnings: list[str]) -> str:
-    cfg, counts = manifest["config"], manifest["counts"]
-    judge_cfg = cfg.get("judge", {})
-    rate = counts.get("consistency_rate")
+def dataset_card(manifest: Manifest) -> str:
+    cfg, counts, warnings = manifest.config, manifest.counts, manifest.warnings
+    judge_cfg = manifest.judge_config()
+    rate = counts.consistency_rate
     consistency = "not measured (one pass)" if rate is None else f"{100 * rate:.1f}%"
-    splits = ", ".join(f"{name}: {n}" for name, n in counts["splits"].items())
+    splits = ", ".join(f"{name}: {n}" for name, n in counts.splits.items())
     lines = [
         "# caiforge preference dataset",
         "",
         *(f"> **Warning.** {w}\n" for w in warnings),
         "Pairs of (prompt, chosen, rejected) made from AI feedback by caiforge "
-        f"{manifest['caiforge']}: a policy answered each prompt at temperatures "
+        f"{manifest.caiforge}: a policy answered each prompt at temperatures "
         f"{', '.join(str(t) for t in cfg['temperatures'])}, and a judge picked the most and least harmless answer "
         "under the constitution.",
         "",
         "| | |",
         "|---|---|",
         f"| prompts | {cfg['prompts_path'] or 'bundled red-team prompts'} |",
-        f"| policy | {manifest['policy'].get('backend')} `{manifest['policy'].get('model')}` |",
-        f"| judge | {manifest['judge'].get('backend')} `{manifest['judge'].get('model')}` |",
+        f"| policy | {manifest.policy.get('backend')} `{manifest.policy.get('model')}` |",
+        f"| judge | {manifest.judge.get('backend')} `{manifest.judge.get('model')}` |",
         f"| judge mode | {judge_cfg.get('mode', 'whole')}, {judge_cfg.get('passes', 1)} pass(es), "
         f"{judge_cfg.get('layout', 'caiforge')} layout |",
         f"| consistency under reversed order | {consistency} |",
-        f"| constitution sha256 | `{manifest['constitution_sha256']}` |",
-        f"| unique prompts | {counts['unique_prompts']} ({counts['duplicate_prompts']} duplicates merged) |",
-        f"| pairs | {counts['pairs']} ({splits}) |",
-        f"| failures | {counts['failures']} (see `failures.jsonl`) |",
+        f"| constitution sha256 | `{manifest.constitution_sha256}` |",
+        f"| unique prompts | {counts.unique_prompts} ({counts.duplicate_prompts} duplicates merged) |",
+        f"| pairs | {counts.pairs} ({splits}) |",
+        f"| failures | {counts.failures} (see `failures.jsonl`) |",
         f"| seed | {cfg['seed']} |",
         "",
         "## Known limitations",

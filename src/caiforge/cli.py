@@ -7,13 +7,12 @@ is one line: ``python generate_rl_cai_dataset.py ARGS`` becomes ``caiforge run A
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, backends
 from .config import Sampling, build_config, load_yaml, parse_blend_with, parse_splits
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
@@ -73,13 +72,19 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--quiet", action="store_true", default=s, help="no progress bars")
 
     pol = p.add_argument_group("policy (candidate responses)")
-    pol.add_argument("--policy-backend", choices=("nemo", "openai-completions", "openai-chat", "local"), default=s)
+    pol.add_argument("--policy-backend", choices=backends.choices("policy"), default=s)
     pol.add_argument("--policy-url", default=s, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     pol.add_argument("--policy-model", default=s)
     pol.add_argument("--policy-concurrency", type=int, default=s, help="requests in flight (default per backend)")
     pol.add_argument("--host", default=s, help="NeMo inference server host")
     pol.add_argument("--port", type=int, default=s, help="NeMo inference server port")
     pol.add_argument("--batch-size", type=int, default=s, help="prompts per NeMo request (default 128)")
+    pol.add_argument(
+        "--policy-output-retries",
+        type=int,
+        default=s,
+        help="resends of a candidate request whose reply was unusable (no text, no response pattern; default 3)",
+    )
     pol.add_argument("--temperatures", type=_temperatures, default=s, help="default 0.01,0.51,1.01,1.51")
     pol.add_argument(
         "--temperature",
@@ -113,7 +118,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         tpl.add_argument(flag, default=s)
 
     jg = p.add_argument_group("judge (AI preference)")
-    jg.add_argument("--judge-backend", choices=("openai", "local"), default=s)
+    jg.add_argument("--judge-backend", choices=backends.choices("judge"), default=s)
     jg.add_argument(
         "--judge-url",
         "--ngc-url",
@@ -258,6 +263,7 @@ FLAT = {  # flag dest -> config path
     "host": "policy.host",
     "port": "policy.port",
     "batch_size": "policy.batch_size",
+    "policy_output_retries": "policy.output_retries",
     "judge_backend": "judge.backend",
     "judge_url": "judge.url",
     "judge_model": "judge.model",
@@ -314,9 +320,8 @@ def _apply_flags(data: dict[str, Any], given: dict[str, Any]) -> None:
         data["splits"] = parse_splits(given["splits"])
     if "blend_with" in given:
         data["blend_with"] = parse_blend_with(given["blend_with"])
-    key = given.get("ngc_api_key") or os.environ.get("NGC_API_KEY")
-    if key:
-        _set(data, "judge.api_key", key)
+    if given.get("ngc_api_key"):  # NGC_API_KEY in the environment is read by the config, for every caller
+        _set(data, "judge.api_key", given["ngc_api_key"])
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:

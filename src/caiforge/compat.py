@@ -11,28 +11,23 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from .backends import make_judge, make_policy
-from .config import Sampling, build_config
-from .engine import Engine, EngineSettings
+from . import backends
+from .config import RunConfig, Sampling, build_config
+from .engine import Engine
 from .errors import BadModelOutput
 from .inputs import read_prompts
+from .request import Request
+from .session import endpoint_settings
 from .store import Store
-from .verdicts import JudgeSpec
+from .verdicts import JudgeSpec, decide
 
 SAMPLING_KEYS = tuple(Sampling.model_fields)  # the seed's inference_config keys, minus host/port
 
 
-def _settings(temperatures: tuple[float, ...], constitution: str, seed: int, concurrency: int) -> EngineSettings:
-    """The seed's judging: its layout, fixed order, one pass, plain-text decisions."""
-    return EngineSettings(
-        temperatures=temperatures,
-        judge=JudgeSpec(constitution=constitution, seed=seed, layout="seed", structured=False),
-        seed=seed,
-        max_retries=6,
-        parse_retries=3,
-        policy_concurrency=concurrency,
-        judge_concurrency=1,
-    )
+def _engine(cfg: RunConfig, role: str) -> Engine:
+    """One role's engine over an in-memory store: the seed's functions keep nothing between calls."""
+    backend = backends.make(cfg, role)
+    return Engine({role: (backend, endpoint_settings(cfg, role, backend))}, Store(Path(":memory:")), seed=cfg.seed)
 
 
 def generate_cai_rlaif_candidate_dataset(
@@ -62,12 +57,18 @@ def generate_cai_rlaif_candidate_dataset(
     prompts = list(dict.fromkeys(r.text for r in records))
 
     async def main() -> list[dict[str, str]]:
-        policy = make_policy(cfg)
-        engine = Engine(policy, None, Store(Path(":memory:")), _settings(temps, "", 0, policy.default_concurrency))
+        engine = _engine(cfg, "policy")
+        ask = engine.asker("policy")
+
+        async def one(prompt: str, t: float) -> str:
+            return (await ask(Request(messages=[{"role": "user", "content": prompt}], temperature=t))).text
+
         try:
-            rows = await asyncio.gather(*(asyncio.gather(*(engine.generate(p, t) for t in temps)) for p in prompts))
+            rows = await asyncio.gather(*(asyncio.gather(*(one(p, t) for t in temps)) for p in prompts))
         finally:
-            await policy.aclose()
+            await engine.aclose()
+            for backend, _ in engine.endpoints().values():
+                await backend.aclose()
         return [
             {"prompt": p, **{f"response_t={t}": r for t, r in zip(temps, row, strict=True)}}
             for p, row in zip(prompts, rows, strict=True)
@@ -87,20 +88,30 @@ def generate_ai_preference(
     candidates = [sample[k] for k in keys]
     cfg = build_config(
         {
-            "judge": {"backend": "openai", "url": ngc_url, "model": ngc_model, "api_key": ngc_api_key or None},
+            "judge": {
+                "backend": "openai",
+                "url": ngc_url,
+                "model": ngc_model,
+                "api_key": ngc_api_key or None,
+                "concurrency": 1,
+            },
             "policy": {"backend": "nemo"},
         }
     )
 
+    # The seed's judging: its layout, fixed order, one pass, plain-text decisions.
+    spec = JudgeSpec(constitution=system_prompt, seed=seed, layout="seed", structured=False)
+
     async def main() -> dict[str, Any] | None:
-        judge = make_judge(cfg)
-        engine = Engine(None, judge, Store(Path(":memory:")), _settings((0.0, 1.0), system_prompt, seed, 1))
+        engine = _engine(cfg, "judge")
         try:
-            verdict = await engine.verdict(prompt, candidates)
+            verdict = await decide(engine.asker("judge"), spec, prompt, candidates)
         except BadModelOutput:
             return None
         finally:
-            await judge.aclose()
+            await engine.aclose()
+            for backend, _ in engine.endpoints().values():
+                await backend.aclose()
         chosen, rejected = verdict.chosen, verdict.rejected
         return {
             "prompt": prompt,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +31,8 @@ DEFAULT_JUDGE_URL = "https://integrate.api.nvidia.com/v1/chat/completions"
 DEFAULT_JUDGE_MODEL = "mistralai/mixtral-8x7b-instruct-v0.1"
 DEFAULT_OUTPUT_DIR = "caiforge-out"
 
-PolicyKind = Literal["nemo", "openai-completions", "openai-chat", "local"]
-JudgeKind = Literal["openai", "local"]
+# Where each role's API key comes from when the config names none: the one place the environment is read.
+KEY_ENV = {"policy": "CAIFORGE_POLICY_API_KEY", "judge": "NGC_API_KEY"}
 
 
 class _Frozen(BaseModel):
@@ -55,7 +56,7 @@ class Sampling(_Frozen):
 class PolicyConfig(_Frozen):
     """Who writes the candidates. ``backend=None`` is resolved by :meth:`RunConfig._resolve_backends`."""
 
-    backend: PolicyKind | None = None
+    backend: str | None = None  # a kind of caiforge.backends (validated there)
     url: str | None = None
     model: str | None = None
     host: str | None = None
@@ -65,12 +66,13 @@ class PolicyConfig(_Frozen):
     rpm: float | None = Field(None, gt=0)
     api_key: SecretStr | None = None
     sampling: Sampling = Sampling()
+    output_retries: int = Field(3, ge=0)  # resends of a request whose reply was unusable (no text, no pattern)
 
 
 class JudgeConfig(_Frozen):
     """Who labels the pairs: an OpenAI-compatible chat endpoint (NGC/NIM, vLLM, ...) or the local model."""
 
-    backend: JudgeKind | None = None
+    backend: str | None = None
     url: str | None = None
     model: str = DEFAULT_JUDGE_MODEL
     api_key: SecretStr | None = None
@@ -79,7 +81,8 @@ class JudgeConfig(_Frozen):
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(0.0, ge=0.0, le=1.0)
-    parse_retries: int = Field(3, ge=0)
+    parse_retries: int = Field(3, ge=0)  # asks again, with another seed, when a reply holds no valid decision
+    output_retries: int = Field(0, ge=0)  # the judge's re-asks are parse_retries (a new seed each time)
     mode: Literal["whole", "principle", "principle-cot"] = "whole"
     passes: int = Field(1, ge=1, le=2)
     layout: Literal["caiforge", "seed"] = "caiforge"
@@ -92,9 +95,6 @@ class LocalConfig(_Frozen):
     model_path: Path | None = None
     threads: int | None = Field(None, ge=1)
     n_ctx: int = Field(4096, ge=512)
-
-
-LOCAL_TOKENS_TO_GENERATE = 128  # the seed's 1024 would make a first local run take half an hour on 2 cores
 
 
 def file_name_part(value: str, what: str) -> str:
@@ -171,35 +171,25 @@ class RunConfig(_Frozen):
             raise ValueError(f"split ratios must sum to 1, they sum to {total:g}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for role, env in KEY_ENV.items():
+            section = data.get(role)
+            if isinstance(section, BaseModel):
+                continue
+            section = dict(section or {})
+            if section.get("api_key") is None and os.environ.get(env):
+                data = {**data, role: {**section, "api_key": os.environ[env]}}
+        return data
+
     @model_validator(mode="after")
     def _resolve_backends(self) -> RunConfig:
-        policy, judge = self.policy, self.judge
-        if policy.backend is None:
-            if policy.url:
-                kind: PolicyKind = "openai-chat"
-            elif policy.host or policy.port:
-                kind = "nemo"
-            else:
-                kind = "local"
-            policy = policy.model_copy(update={"backend": kind})
-        if policy.backend == "local" and "tokens_to_generate" not in policy.sampling.model_fields_set:
-            sampling = policy.sampling.model_copy(update={"tokens_to_generate": LOCAL_TOKENS_TO_GENERATE})
-            policy = policy.model_copy(update={"sampling": sampling})
-        if policy.backend == "nemo":
-            policy = policy.model_copy(update={"host": policy.host or "localhost", "port": policy.port or 5656})
-        elif policy.backend in ("openai-completions", "openai-chat") and not policy.url:
-            raise ValueError(f"--policy-backend {policy.backend} needs --policy-url (e.g. http://127.0.0.1:8000/v1)")
-        if policy.backend in ("openai-completions", "openai-chat") and not policy.model:
-            raise ValueError(f"--policy-backend {policy.backend} needs --policy-model (the served model name)")
-        if judge.backend is None:
-            if judge.url:
-                judge = judge.model_copy(update={"backend": "openai"})
-            elif judge.api_key is not None:
-                judge = judge.model_copy(update={"backend": "openai", "url": DEFAULT_JUDGE_URL})
-            else:
-                judge = judge.model_copy(update={"backend": "local"})
-        elif judge.backend == "openai" and not judge.url:
-            judge = judge.model_copy(update={"url": DEFAULT_JUDGE_URL})
+        from . import backends  # the registry: kinds, their inference and defaults (one file per kind)
+
+        policy, judge = backends.resolve("policy", self.policy), backends.resolve("judge", self.judge)
         if self.blend_with is not None:
             missing = sorted(set(self.splits) - set(self.blend_with.splits))
             extra = sorted(set(self.blend_with.splits) - set(self.splits))

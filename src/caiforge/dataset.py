@@ -8,56 +8,36 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .candidates import candidate_key
+from .records import PairRecord
 from .template import PromptTemplate
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class Pair:
-    """A judged prompt: its candidates by temperature and the judge's choice among them."""
 
-    prompt: str
-    responses: dict[float, str]
-    chosen_t: float
-    rejected_t: float
-    explanation: str
-    order_t: tuple[float, ...] = ()  # temperatures in the order the judge saw them
-    chosen_position: int | None = None
-    rejected_position: int | None = None
-    consistent: bool | None = None
-    chosen_prob: float | None = None
-    principle: str | None = None
-    merged: dict[float, list[float]] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """One entry of the seed's ``cai_preference_dataset.json``, plus what the judge saw (in ``raw``)."""
-        raw: dict[str, Any] = {
-            "chosen_response_key": candidate_key(self.chosen_t),
-            "rejected_response_key": candidate_key(self.rejected_t),
-            "explanation": self.explanation,
-            "all_responses": {candidate_key(t): text for t, text in self.responses.items()},
-        }
-        if self.order_t:
-            raw["judge_order"] = [candidate_key(t) for t in self.order_t]
-            raw["chosen_position"], raw["rejected_position"] = self.chosen_position, self.rejected_position
-        if self.consistent is not None:
-            raw["consistent"] = self.consistent
-        if self.principle is not None:
-            raw["principle"] = self.principle
-        if self.merged:
-            raw["merged"] = {candidate_key(t): [candidate_key(m) for m in ms] for t, ms in self.merged.items()}
-        record = {
-            "prompt": self.prompt,
-            "chosen": self.responses[self.chosen_t],
-            "rejected": self.responses[self.rejected_t],
-            "raw": raw,
-        }
-        if self.chosen_prob is not None:
-            record["chosen_prob"] = self.chosen_prob
-        return record
+def preference_record(pair: PairRecord) -> dict[str, Any]:
+    """One entry of the seed's ``cai_preference_dataset.json``, plus what the judge saw (in ``raw``)."""
+    raw: dict[str, Any] = {
+        "chosen_response_key": candidate_key(pair.chosen_t),
+        "rejected_response_key": candidate_key(pair.rejected_t),
+        "explanation": pair.explanation,
+        "all_responses": {candidate_key(t): text for t, text in pair.responses.items()},
+    }
+    if pair.order_t:
+        raw["judge_order"] = [candidate_key(t) for t in pair.order_t]
+        raw["chosen_position"], raw["rejected_position"] = pair.chosen_position, pair.rejected_position
+    if pair.consistent is not None:
+        raw["consistent"] = pair.consistent
+    if pair.principle is not None:
+        raw["principle"] = pair.principle
+    if pair.merged:
+        raw["merged"] = {candidate_key(t): [candidate_key(m) for m in ms] for t, ms in pair.merged.items()}
+    record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "raw": raw}
+    if pair.chosen_prob is not None:
+        record["chosen_prob"] = pair.chosen_prob
+    return record
 
 
 def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:
@@ -81,12 +61,12 @@ def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:
     return sizes
 
 
-def split(items: list[Any], splits: dict[str, float], shuffle: bool, seed: int) -> dict[str, list[Any]]:
-    """Deterministic split: the same items, ratios and seed always give the same splits."""
+def split(items: list[T], splits: dict[str, float], shuffle: bool, seed: int) -> dict[str, list[T]]:
+    """Deterministic split: the same items, ratios and seed always give the same splits (in this order)."""
     order = list(range(len(items)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    out: dict[str, list[Any]] = {}
+    out: dict[str, list[T]] = {}
     start = 0
     for name, size in split_sizes(len(items), splits).items():
         out[name] = [items[i] for i in order[start : start + size]]
@@ -94,11 +74,11 @@ def split(items: list[Any], splits: dict[str, float], shuffle: bool, seed: int) 
     return out
 
 
-def format_pair(template: PromptTemplate, pair: Pair) -> tuple[str, str, str] | str:
+def format_pair(template: PromptTemplate, pair: PairRecord) -> tuple[str, str, str] | str:
     """(prompt, chosen line, rejected line) as the seed's ``process_samples``, or why the pair cannot be used."""
     body = pair.prompt.strip().strip("\n")
-    chosen = pair.responses[pair.chosen_t].strip().strip("\n")
-    rejected = pair.responses[pair.rejected_t].strip().strip("\n")
+    chosen = pair.chosen.strip().strip("\n")
+    rejected = pair.rejected.strip().strip("\n")
     if not body:
         return "empty prompt"
     if not chosen or not rejected:

@@ -1,34 +1,30 @@
-"""The one concurrency engine: it owns tasks, limits, batching, retries and the durable record.
+"""The request engine: it schedules requests to endpoints and knows nothing about what they are for.
 
-Each prompt is a coroutine: its candidates are requested at every temperature, and as soon as they exist it
-goes to the judge (no stage barrier). Requests wait on a per-endpoint :class:`Limiter`; NeMo-style backends
-that take batches get per-prompt requests grouped by a :class:`Batcher`, whose timer flushes the last partial
-batch (the seed silently dropped it). Every finished request is committed to the store before it is used, so
-a rerun with the same settings sends nothing that already finished.
+Pipelines call one cached :meth:`Engine.ask` per request. Everything per endpoint lives here: the in-flight
+limit (adaptive, TCP-style), the requests-per-minute pacer, dynamic batching for backends that take batches
+(whose timer flushes the last partial batch, which the seed silently dropped), retries with backoff on
+transient errors, and resends of unusable replies. Every reply is committed to the store before it is used,
+keyed by the request's content and the endpoint's identity, so a rerun sends nothing that already finished.
+Roles are names: any number of them, each an endpoint with its own settings.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from .backends import Completion, JudgeBackend, PolicyBackend
-from .candidates import generation_key
-from .errors import BackendError, BadModelOutput, RateLimited, RunAborted, TransientError
-from .judge import CopiedDecision
-from .keys import content_key
+from .backends.base import Backend
+from .errors import BadModelOutput, RateLimited, TransientError
 from .limits import Aimd, Limiter, Pacer
-from .progress import Progress
-from .store import Failure, Generation, Store
-from .verdicts import Inconsistent, JudgeSpec, TooFewCandidates, Verdict, decide, verdict_key
+from .request import Ask, Reply, Request
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -109,14 +105,14 @@ class Batcher(Generic[K, T, R]):
 
 @dataclass
 class Stats:
-    """What the summary and manifest report."""
+    """What the summary and manifest report, per role."""
 
-    requests: Counter[str] = field(default_factory=Counter)  # sent, per role
+    requests: Counter[str] = field(default_factory=Counter)  # sent
     retries: Counter[str] = field(default_factory=Counter)
     cached: Counter[str] = field(default_factory=Counter)  # answered from the store
-    tokens: Counter[str] = field(default_factory=Counter)
-    failures: Counter[str] = field(default_factory=Counter)  # by "stage: reason"
-    concurrency: dict[str, dict[str, int]] = field(default_factory=dict)  # per role: where AIMD settled
+    tokens: Counter[str] = field(default_factory=Counter)  # "<role>_prompt", "<role>_completion"
+    failures: Counter[str] = field(default_factory=Counter)  # by "stage: reason" (filled by the runner)
+    concurrency: dict[str, dict[str, int]] = field(default_factory=dict)  # where AIMD settled
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -129,72 +125,119 @@ class Stats:
         }
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    temperatures: tuple[float, ...]
-    judge: JudgeSpec | None
-    seed: int
-    max_retries: int
-    parse_retries: int
-    policy_concurrency: int
-    judge_concurrency: int
-    policy_rpm: float | None = None
-    judge_rpm: float | None = None
+@dataclass(frozen=True, kw_only=True)
+class EndpointSettings:
+    concurrency: int
+    rpm: float | None = None
     adaptive: bool = True
-    max_failure_rate: float = 1.0
-    failure_window: int = 50  # the rate is over the last this many prompts, once at least 20 finished
-    linger: float = 0.02
+    max_retries: int = 8  # transient errors; x3 for 429
+    output_retries: int = 0  # resends of a request whose reply came back unusable
     backoff_base: float = 0.5
     backoff_max: float = 60.0
+    linger: float = 0.02  # how long a partial batch waits for company
+
+
+class ReplyCache(Protocol):
+    """Where finished requests are kept (the run's store)."""
+
+    def get_reply(self, key: str) -> Reply | None: ...
+
+    def put_reply(self, key: str, role: str, reply: Reply) -> None: ...
+
+
+class _Endpoint:
+    def __init__(self, role: str, backend: Backend, settings: EndpointSettings, engine: Engine) -> None:
+        self.role, self.backend, self.settings = role, backend, settings
+        self.identity = backend.identity()
+        self.limiter = Limiter(settings.concurrency)
+        self.aimd = Aimd(self.limiter, self.limiter.limit) if settings.adaptive else None
+        self.pacer = Pacer(settings.rpm)
+        self.batcher: Batcher[tuple[Any, ...], Request, Reply | BadModelOutput] | None = None
+        if backend.capabilities.batch > 1:
+
+            async def send(_: tuple[Any, ...], requests: list[Request]) -> list[Reply | BadModelOutput]:
+                return await engine._call(self, partial(backend.send, requests))
+
+            self.batcher = Batcher(backend.capabilities.batch, settings.concurrency, settings.linger, send)
+
+    async def one(self, engine: Engine, request: Request) -> Reply | BadModelOutput:
+        if self.batcher is not None:
+            return await self.batcher.submit(request.batch_key(), request)
+        results = await engine._call(self, partial(self.backend.send, [request]))
+        return results[0]
+
+    def report(self) -> dict[str, int]:
+        if self.aimd is not None:
+            return self.aimd.report()
+        lim = self.limiter.limit
+        return {"limit": lim, "highest": lim, "lowest": lim, "ceiling": lim, "decreases": 0,
+                "peak_in_flight": self.limiter.peak}
 
 
 class Engine:
     def __init__(
-        self,
-        policy: PolicyBackend | None,
-        judge: JudgeBackend | None,
-        store: Store,
-        settings: EngineSettings,
-        progress: Progress | None = None,
+        self, endpoints: Mapping[str, tuple[Backend, EndpointSettings]], cache: ReplyCache, seed: int = 0
     ) -> None:
-        self.policy, self.judge, self.store, self.s = policy, judge, store, settings
-        self.progress = progress or Progress({}, quiet=True)
+        self.cache = cache
         self.stats = Stats()
-        self.limiters = {"policy": Limiter(settings.policy_concurrency), "judge": Limiter(settings.judge_concurrency)}
-        self.aimd = {role: Aimd(lim, lim.limit) for role, lim in self.limiters.items()} if settings.adaptive else {}
-        self.pacers = {"policy": Pacer(settings.policy_rpm), "judge": Pacer(settings.judge_rpm)}
-        self._outcomes: collections.deque[bool] = collections.deque(maxlen=settings.failure_window)
-        self._details: Counter[str] = Counter()  # the words of each failure, to quote the commonest on a stop
-        self.policy_identity = policy.identity() if policy else {}
-        self.judge_identity = judge.identity() if judge else {}
-        self._batcher: Batcher[float, str, Completion | BadModelOutput] | None = None
-        if policy is not None:
+        self._endpoints = {role: _Endpoint(role, b, s, self) for role, (b, s) in endpoints.items()}
+        self._jitter = random.Random(seed)
 
-            async def send(temperature: float, prompts: list[str]) -> list[Completion | BadModelOutput]:
-                return await self._call("policy", lambda: policy.generate(prompts, temperature))
+    def identity(self, role: str) -> dict[str, Any]:
+        return self._endpoints[role].identity
 
-            self._batcher = Batcher(policy.max_batch_size, settings.policy_concurrency, settings.linger, send)
-        self._jitter = random.Random(settings.seed)
+    def endpoints(self) -> dict[str, tuple[Backend, EndpointSettings]]:
+        return {role: (e.backend, e.settings) for role, e in self._endpoints.items()}
+
+    def asker(self, role: str) -> Ask:
+        """``ask`` bound to one role: what a pipeline is given."""
+        if role not in self._endpoints:
+            raise KeyError(f"no endpoint for role {role!r}")
+        return partial(self.ask, role)
+
+    async def ask(self, role: str, request: Request) -> Reply:
+        """The reply to ``request`` from ``role``'s endpoint, or from the store when it was asked before.
+
+        Raises BackendError when there is none: transient errors are retried first, and an unusable reply is
+        asked again up to the endpoint's ``output_retries`` (a sampled answer may come out fine next time)."""
+        endpoint = self._endpoints[role]
+        key = request.key(endpoint.identity)
+        stored = self.cache.get_reply(key)
+        if stored is not None:
+            self.stats.cached[role] += 1
+            return stored
+        result: Reply | BadModelOutput = BadModelOutput("no reply")
+        for _ in range(endpoint.settings.output_retries + 1):
+            result = await endpoint.one(self, request)
+            if isinstance(result, Reply):
+                break
+        if isinstance(result, BadModelOutput):
+            raise result
+        self.cache.put_reply(key, role, result)
+        self.stats.tokens[f"{role}_prompt"] += result.prompt_tokens or 0
+        self.stats.tokens[f"{role}_completion"] += result.completion_tokens or 0
+        return result
 
     # -- retries ----------------------------------------------------------------------------------------
-    def _wait(self, state: RetryCallState) -> float:
+    def _wait(self, settings: EndpointSettings, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             return exc.retry_after + self._jitter.uniform(0, 0.1 * exc.retry_after + 0.05)
-        ceiling = min(self.s.backoff_max, self.s.backoff_base * 2 ** (state.attempt_number - 1))
+        ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (state.attempt_number - 1))
         return self._jitter.uniform(0, ceiling)  # full jitter
 
-    def _stop(self, state: RetryCallState) -> bool:
+    @staticmethod
+    def _stop(settings: EndpointSettings, state: RetryCallState) -> bool:
         """Errors get ``max_retries``; a 429 is the server pacing us, not a failure, so it gets three times as
         many (with backoff up to a minute, about an hour of waiting): a quota that never lifts still ends, as a
         recorded failure and, across many prompts, as a --max-failure-rate stop."""
         exc = state.outcome.exception() if state.outcome else None
-        budget = self.s.max_retries * (3 if isinstance(exc, RateLimited) else 1)
+        budget = settings.max_retries * (3 if isinstance(exc, RateLimited) else 1)
         return state.attempt_number > budget
 
-    async def _call(self, role: str, fn: Callable[[], Awaitable[R]]) -> R:
-        """One request under the endpoint's pace and limit, retried on transient errors with backoff outside it."""
-        limiter, aimd, pacer = self.limiters[role], self.aimd.get(role), self.pacers[role]
+    async def _call(self, endpoint: _Endpoint, fn: Callable[[], Awaitable[R]]) -> R:
+        """One call under the endpoint's pace and limit, retried on transient errors with backoff outside it."""
+        role, limiter, aimd, pacer = endpoint.role, endpoint.limiter, endpoint.aimd, endpoint.pacer
 
         async def once() -> R:
             async with limiter:
@@ -215,179 +258,17 @@ class Engine:
             self.stats.retries[role] += 1
 
         retrying = AsyncRetrying(
-            stop=self._stop,
-            wait=self._wait,
+            stop=partial(self._stop, endpoint.settings),
+            wait=partial(self._wait, endpoint.settings),
             retry=retry_if_exception_type(TransientError),
             before_sleep=before_sleep,
             reraise=True,
         )
         return await retrying(once)
 
-    # -- candidates -------------------------------------------------------------------------------------
-    async def generate(self, prompt: str, temperature: float) -> str:
-        """One candidate, from the store when it was made before; raises BackendError when it cannot be."""
-        key = generation_key(prompt, temperature, self.policy_identity)
-        stored = self.store.get_generation(key)
-        if stored is not None:
-            self.stats.cached["policy"] += 1
-            self.progress.advance("candidates")
-            return stored.response
-        result: Completion | BadModelOutput | None = None
-        for _ in range(self.s.parse_retries + 1):
-            assert self._batcher is not None
-            result = await self._batcher.submit(temperature, prompt)
-            if isinstance(result, Completion):
-                break
-        if not isinstance(result, Completion):
-            raise result or BadModelOutput("no result")
-        self.store.put_generation(
-            key, prompt, temperature, Generation(result.text, result.prompt_tokens, result.completion_tokens)
-        )
-        self._count_tokens("policy", result)
-        self.progress.advance("candidates")
-        return result.text
-
-    # -- judge ------------------------------------------------------------------------------------------
-    async def ask_judge(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        seed: int,
-        schema: dict[str, Any] | None,
-        logprobs: bool,
-        max_tokens: int | None,
-    ) -> Completion:
-        """One judge request, answered from the store when it was made before (replies are kept raw)."""
-        judge = self.judge
-        assert judge is not None
-        key = content_key(
-            "judge-call",
-            messages=messages,
-            judge=self.judge_identity,
-            seed=seed,
-            schema=schema,
-            logprobs=logprobs,
-            max_tokens=max_tokens,
-        )
-        stored = self.store.get_call(key)
-        if stored is not None:
-            self.stats.cached["judge"] += 1
-            return Completion(stored[0], stored[2], stored[3], stored[1])
-        reply = await self._call(
-            "judge", lambda: judge.chat(messages, seed=seed, schema=schema, logprobs=logprobs, max_tokens=max_tokens)
-        )
-        self.store.put_call(key, reply.text, reply.top_logprobs, reply.prompt_tokens, reply.completion_tokens)
-        self._count_tokens("judge", reply)
-        return reply
-
-    async def verdict(self, prompt: str, candidates: list[str]) -> Verdict:
-        """The judge's verdict on one prompt's candidates; raises BackendError when there is none."""
-        spec = self.s.judge
-        assert spec is not None
-        key = verdict_key(prompt, candidates, spec, self.judge_identity)
-        stored = self.store.get_verdict(key)
-        if stored is not None:
-            return Verdict.from_json(stored)
-        verdict = await decide(self.ask_judge, spec, prompt, candidates)
-        self.store.put_verdict(key, prompt, verdict.to_json())
-        return verdict
-
-    def _concurrency(self, role: str) -> dict[str, int]:
-        if role in self.aimd:
-            return self.aimd[role].report()
-        lim = self.limiters[role]
-        return {
-            "limit": lim.limit,
-            "highest": lim.limit,
-            "lowest": lim.limit,
-            "ceiling": lim.limit,
-            "decreases": 0,
-            "peak_in_flight": lim.peak,
-        }
-
-    def _count_tokens(self, role: str, completion: Completion) -> None:
-        self.stats.tokens[f"{role}_prompt"] += completion.prompt_tokens or 0
-        self.stats.tokens[f"{role}_completion"] += completion.completion_tokens or 0
-
-    # -- prompts ----------------------------------------------------------------------------------------
-    def _fail(self, prompt: str, stage: str, exc: BackendError) -> None:
-        self.store.put_failure(Failure(prompt, stage, exc.reason, str(exc)))
-        self.stats.failures[f"{stage}: {exc.reason}"] += 1
-        self._details[str(exc)[:200]] += 1
-        # Labels the judge could not stand behind say something about the data, not about a broken run.
-        self._outcome(isinstance(exc, (Inconsistent, TooFewCandidates, CopiedDecision)))
-
-    def _outcome(self, ok: bool) -> None:
-        """Stop a run that is failing wholesale (a dead server, a wrong key) instead of burning the input."""
-        self._outcomes.append(ok)
-        failed = self._outcomes.count(False)
-        if len(self._outcomes) >= min(20, self.s.failure_window) and failed / len(self._outcomes) > (
-            self.s.max_failure_rate
-        ):
-            top = ", ".join(f"{reason} ({n})" for reason, n in self.stats.failures.most_common(3))
-            detail, times = self._details.most_common(1)[0]
-            raise RunAborted(
-                f"stopped: {failed} of the last {len(self._outcomes)} prompts failed, above --max-failure-rate "
-                f"{self.s.max_failure_rate:g}; most common: {top}; most common detail ({times}x): {detail}. "
-                "Finished work is kept and every failure is in failures.jsonl: fix the cause, then "
-                "Rerun the same command to continue."
-            )
-
-    async def _process(self, prompt: str) -> None:
-        results = await asyncio.gather(*(self.generate(prompt, t) for t in self.s.temperatures), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, BackendError):
-                raise result
-        errors = [r for r in results if isinstance(r, BackendError)]
-        if errors:
-            self.progress.advance("judge")
-            self._fail(prompt, "candidates", errors[0])
-            return
-        try:
-            await self.verdict(prompt, [str(r) for r in results])
-        except BackendError as exc:
-            self.progress.advance("judge")
-            self._fail(prompt, "candidates" if isinstance(exc, TooFewCandidates) else "judge", exc)
-            return
-        self.progress.advance("judge")
-        self._outcome(True)
-
-    async def run(self, prompts: list[str]) -> Stats:
-        """Process every prompt; each ends in the store as a judgment or a recorded failure."""
-        batch = self.policy.max_batch_size if self.policy else 1
-        window = asyncio.Semaphore(self.s.policy_concurrency * batch + 2 * self.s.judge_concurrency)
-
-        async def guarded(prompt: str) -> None:
-            try:
-                await self._process(prompt)
-            finally:
-                window.release()
-
-        tasks: set[asyncio.Task[None]] = set()
-        crashed: list[BaseException] = []
-
-        def done(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                crashed.append(task.exception())  # a bug or RunAborted, not a bad response: stop, loudly
-
-        try:
-            for prompt in prompts:
-                await window.acquire()
-                if crashed:
-                    raise crashed[0]
-                task = asyncio.create_task(guarded(prompt))
-                tasks.add(task)
-                task.add_done_callback(done)
-            await asyncio.gather(*list(tasks))
-        finally:
-            for task in list(tasks):
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            if self._batcher is not None:
-                await self._batcher.aclose()
-            self.stats.concurrency = {role: self._concurrency(role) for role in self.limiters}
-        if crashed:
-            raise crashed[0]
-        return self.stats
+    async def aclose(self) -> None:
+        """Cancel batches still in flight (on interrupt) and record where each endpoint's concurrency settled."""
+        for endpoint in self._endpoints.values():
+            if endpoint.batcher is not None:
+                await endpoint.batcher.aclose()
+        self.stats.concurrency = {role: e.report() for role, e in self._endpoints.items()}

@@ -3,6 +3,7 @@
     CaiforgeError
     ├── InputError            bad flags, bad files: exit code 2, one line on stderr, never a traceback
     ├── RunAborted            the run stopped on purpose (Ctrl-C, SIGTERM, failure rate): resumable
+    ├── StageFailed           a pipeline could not finish one item: its stage, its cause, whether it counts
     └── BackendError          a request to a model failed
         ├── TransientError    worth retrying: 429, 5xx, timeouts, connection resets, truncated bodies
         │   ├── RateLimited   429, with the server's Retry-After when it sent one
@@ -28,6 +29,22 @@ class InputError(CaiforgeError):
 
 class RunAborted(CaiforgeError):
     """The run stopped before finishing; what was done is kept and a rerun continues from there."""
+
+
+class StageFailed(CaiforgeError):
+    """One item (a prompt) ends as a recorded failure: at ``stage``, because of ``error``.
+
+    ``counts`` says whether it counts against ``--max-failure-rate`` (a judge that cannot stand behind a label
+    says something about the data, not about a broken run); ``keep`` is what the item made before it failed
+    (a prompt's candidates), kept with the failure."""
+
+    def __init__(self, stage: str, error: BackendError, *, counts: bool = True, keep: dict[str, object] | None = None):
+        super().__init__(str(error))
+        self.stage, self.error, self.counts, self.keep = stage, error, counts, keep or {}
+
+    @property
+    def reason(self) -> str:
+        return self.error.reason
 
 
 class BackendError(CaiforgeError):

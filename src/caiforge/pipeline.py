@@ -1,47 +1,48 @@
-"""A whole run: check every input before the first request, run the engine, rebuild the files from the store.
+"""``caiforge run``: read and check the inputs, run the RL-CAI pipeline over every prompt in one session, then
+write the files, the manifest, the card and the report from the store.
 
-This is the asynchronous core's single entry point; :func:`run` is the synchronous wrapper for the CLI and
-for Python users (``asyncio.run`` once, at the edge).
+This is the asynchronous entry point; :func:`run` is the synchronous wrapper for the CLI and for Python users
+(``asyncio.run`` once, at the edge).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import platform
-import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__, bundled
-from .backends import JudgeBackend, PolicyBackend, make_judge, make_policy
+from . import __version__, backends, bundled
 from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
-from .dataset import Pair
-from .engine import Engine, EngineSettings, Stats
+from .engine import Stats
 from .errors import InputError, RunAborted
-from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
+from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts, read_text
 from .keys import sha256_text
-from .outputs import FAILURES_FILE, MANIFEST_FILE, collect, write_atomic, write_dataset, write_failures, write_json
+from .manifest import Counts, Manifest, RunStats, Timings
+from .outputs import FAILURES_FILE, write_atomic, write_files
+from .pipelines import rlcai
 from .principles import load_principles
-from .progress import Progress
+from .records import FailureRecord, PairRecord, RunDescriptor, prompt_id, records
 from .report import write_report
-from .store import DB_NAME, Failure, Store
+from .runner import FailureRate, Outcome, run_each
+from .session import Session, run_sync
+from .store import DB_NAME, Store
 from .verdicts import Inconsistent, JudgeSpec
+from .writers import WRITERS, Blend, Dataset
 
 
 @dataclass
 class RunResult:
     output_dir: Path
     counts: dict[str, Any]
-    failures: list[Failure]
+    failures: list[FailureRecord]
     stats: Stats
     elapsed: float
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -65,7 +66,7 @@ class RunResult:
             lines.append(f"  failures: {len(self.failures)} ({detail}) -> {self.output_dir / FAILURES_FILE}")
         else:
             lines.append("  failures: 0")
-        for role in ("policy", "judge"):
+        for role in rlcai.ROLES:
             conc = s.concurrency.get(role, {})
             lines.append(
                 f"  {role} requests: {s.requests[role]} sent, {s.retries[role]} retried, "
@@ -98,7 +99,7 @@ def prepare_output_dir(path: Path) -> None:
         raise InputError(f"{path}: output directory is not writable")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {"caiforge": __version__, "python": platform.python_version()}
     for dist in ("aiohttp", "pydantic", "tenacity"):
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -106,7 +107,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Inputs:
     prompts: list[str]  # unique, in first-seen order
     records: int  # good records read, duplicates included
@@ -138,26 +139,9 @@ def judge_spec(cfg: RunConfig, constitution: str, principles: tuple[str, ...]) -
     )
 
 
-def engine_settings(cfg: RunConfig, spec: JudgeSpec, policy_concurrency: int, judge_concurrency: int) -> EngineSettings:
-    return EngineSettings(
-        temperatures=cfg.temperatures,
-        judge=spec,
-        seed=cfg.seed,
-        max_retries=cfg.max_retries,
-        parse_retries=cfg.judge.parse_retries,
-        policy_concurrency=policy_concurrency,
-        judge_concurrency=cfg.judge.concurrency or judge_concurrency,
-        policy_rpm=cfg.policy.rpm,
-        judge_rpm=cfg.judge.rpm,
-        adaptive=cfg.adaptive_concurrency,
-        max_failure_rate=cfg.max_failure_rate,
-        backoff_base=cfg.retry_backoff,
-    )
-
-
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Read and check every input file; raises InputError before any request is sent."""
-    records, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
+    found, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
     constitution, principles = load_judging(cfg)
     if cfg.blend_with is not None:
         for spec in cfg.blend_with.splits.values():
@@ -165,74 +149,22 @@ def load_inputs(cfg: RunConfig) -> Inputs:
                 check_jsonl(path, "blend prompts")
             for path in spec["comparisons"]:
                 check_jsonl(path, "blend comparisons", even_lines=True)
-    unique = list(dict.fromkeys(r.text for r in records))
-    return Inputs(unique, len(records), bad, constitution, principles)
-
-
-def in_input_order(failures: Iterable[Failure], prompts: list[str]) -> list[Failure]:
-    """Failures in the order of the input, not of completion: the same run writes the same file."""
-    index = {prompt: i for i, prompt in enumerate(prompts)}
-    return sorted(failures, key=lambda f: (index.get(f.prompt, -1) if f.prompt else -1, f.line or 0, f.stage))
+    unique = list(dict.fromkeys(r.text for r in found))
+    return Inputs(prompts=unique, records=len(found), bad=bad, constitution=constitution, principles=principles)
 
 
 def describe(cfg: RunConfig) -> str:
     """Which models do what, said before the first request (an exported NGC_API_KEY picks the hosted judge)."""
-    p, j = cfg.policy, cfg.judge
-    where = {"nemo": f"NeMo at {p.host}:{p.port}", "local": "the embedded local model"}.get(
-        p.backend or "", f"{p.backend} {p.model} at {p.url}"
+    j = cfg.judge
+    text = (
+        f"caiforge: policy: {backends.describe(cfg, 'policy')}; judge: {backends.describe(cfg, 'judge')} "
+        f"({j.mode}, {j.passes} pass(es))"
     )
-    judge = "the embedded local model" if j.backend == "local" else f"{j.model} at {j.url}"
-    text = f"caiforge: policy: {where}; judge: {judge} ({j.mode}, {j.passes} pass(es))"
     if j.backend == "openai" and j.api_key is not None and j.url:
         url = j.url.lower()
         if url.startswith("http://") and not any(h in url for h in ("//127.", "//localhost", "//[::1]")):
             text += "\ncaiforge: warning: the judge API key is sent over plain http to a non-loopback host"
     return text
-
-
-async def check_endpoints(backends: Iterable[PolicyBackend | JudgeBackend], quiet: bool) -> list[str]:
-    """Every endpoint at once, before the first real request: one line per endpoint that cannot serve.
-
-    Returns the notes worth keeping (e.g. a server that answers a model name it does not list)."""
-    backends = list(backends)
-    results = await asyncio.gather(*(b.check() for b in backends), return_exceptions=True)
-    problems: list[str] = []
-    notes: list[str] = []
-    for result in results:
-        if isinstance(result, InputError):
-            problems.append(str(result))
-        elif isinstance(result, BaseException):
-            raise result
-        elif result:
-            notes.append(result)
-            if not quiet:
-                print(f"caiforge: note: {result}", file=sys.stderr)
-    if problems:
-        for backend in backends:
-            await backend.aclose()
-        raise InputError("\ncaiforge: error: ".join(problems))
-    return notes
-
-
-def endpoints(policy: PolicyBackend | None, judge: JudgeBackend | None) -> tuple[dict[str, Any], list[str]]:
-    """What each endpoint turned out to need, for the manifest, and the sentences that say so."""
-    report: dict[str, Any] = {}
-    notes: list[str] = []
-    for role, backend in (("policy", policy), ("judge", judge)):
-        if backend is not None:
-            report[role], said = backend.adaptations()
-            notes += said
-    return report, notes
-
-
-def consistency(pairs: list[Pair], failures: list[Failure], passes: int) -> dict[str, Any]:
-    """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
-    if passes < 2:
-        return {}
-    inconsistent = sum(1 for f in failures if f.reason == Inconsistent.reason)
-    agreed = sum(1 for p in pairs if p.consistent)
-    total = agreed + inconsistent
-    return {"consistency_rate": round(agreed / total, 4) if total else None, "inconsistent": inconsistent}
 
 
 def run_warnings(cfg: RunConfig) -> list[str]:
@@ -242,104 +174,163 @@ def run_warnings(cfg: RunConfig) -> list[str]:
     return []
 
 
+def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str], PairRecord]) -> None:
+    """A prompt's pair or failure, committed as it finishes."""
+    pid, prompt = outcome.item
+    if outcome.record is not None:
+        store.put_result(pid, run_key, "pair", outcome.record.to_json())
+        return
+    failure = outcome.failure
+    assert failure is not None
+    responses = failure.keep.get("responses")
+    record = FailureRecord(
+        prompt_id=pid,
+        prompt=prompt,
+        stage=failure.stage,
+        reason=failure.reason,
+        detail=str(failure),
+        responses=responses if isinstance(responses, dict) else None,
+    )
+    store.put_result(pid, run_key, "failure", record.to_json())
+
+
+def dataset(cfg: RunConfig, found: list[PairRecord | FailureRecord]) -> Dataset:
+    blend = None
+    if cfg.blend_with is not None:
+        texts = {
+            split: {kind: [read_text(path, f"blend {kind}") for path in spec[kind]] for kind in ("prompts", "comparisons")}
+            for split, spec in cfg.blend_with.splits.items()
+        }
+        blend = Blend(name=cfg.blend_with.name, texts=texts)
+    return Dataset.build(
+        found,
+        cfg.template,
+        ratios=cfg.splits,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        prefix=cfg.output_filename_prefix,
+        blend=blend,
+    )
+
+
+def consistency(pairs: list[PairRecord], failures: list[FailureRecord], passes: int) -> dict[str, Any]:
+    """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
+    if passes < 2:
+        return {}
+    inconsistent = sum(1 for f in failures if f.reason == Inconsistent.reason)
+    agreed = sum(1 for p in pairs if p.consistent)
+    total = agreed + inconsistent
+    return {"consistency_rate": round(agreed / total, 4) if total else None, "inconsistent": inconsistent}
+
+
 async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     started_wall, started = time.time(), time.monotonic()
     inputs = load_inputs(cfg)
     if not cfg.quiet:
         print(describe(cfg), file=sys.stderr)
     prepare_output_dir(cfg.output_dir)  # a bad input, output folder included, stops before any request
-    policy, judge = make_policy(cfg), make_judge(cfg)
-    checked = await check_endpoints((policy, judge), cfg.quiet)
     spec = judge_spec(cfg, inputs.constitution, inputs.principles)
-    settings = engine_settings(
-        cfg, spec, cfg.policy.concurrency or policy.default_concurrency, judge.default_concurrency
-    )
-    store = Store.open(cfg.output_dir, fresh=fresh)
-    store.begin_attempt(cfg.public_dict())
-    for bad in inputs.bad:
-        store.put_failure(Failure(None, "input", "bad record", bad.reason, bad.source, bad.line))
-    n = len(inputs.prompts)
-    progress = Progress({"candidates": n * len(cfg.temperatures), "judge": n}, quiet=cfg.quiet)
-    engine = Engine(policy, judge, store, settings, progress)
-    status = "interrupted"
-    try:
+    settings = rlcai.Settings(temperatures=cfg.temperatures, judge=spec)
+    items = [(prompt_id(p), p) for p in inputs.prompts]
+    async with Session(cfg, {role: role for role in rlcai.ROLES}, cfg.public_dict(), fresh) as session:
+        store, engine = session.store, session.engine
+        for bad in inputs.bad:
+            store.put_failure(stage="input", reason="bad record", detail=bad.reason, source=bad.source, line=bad.line)
+        store.set_prompts(items)
+        descriptor = RunDescriptor(
+            pipeline=rlcai.NAME,
+            settings=settings.describe(),
+            identities={role: engine.identity(role) for role in rlcai.ROLES},
+            config=cfg.public_dict(),
+            attempt=store.attempt,
+        )
+        descriptor.save(store)
+        run_key = descriptor.key()
+        session.show_progress(rlcai.totals(settings, len(items)))
+        pipeline = rlcai.RlCai(settings, {r: engine.asker(r) for r in rlcai.ROLES}, session.progress.advance)
+        rate = FailureRate(cfg.max_failure_rate)
+        window = sum(2 * s.concurrency * b.capabilities.batch for b, s in engine.endpoints().values())
         try:
-            await engine.run(inputs.prompts)
+            await run_each(
+                items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate
+            )
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
-            write_failures(cfg.output_dir / FAILURES_FILE, in_input_order(store.failures(), inputs.prompts))
+            engine.stats.failures = rate.failures
+            write_files(cfg.output_dir, WRITERS["failures"](dataset(cfg, list(records(store, descriptor))), {}))
             raise
         finally:
-            progress.close()
-            await policy.aclose()
-            await judge.aclose()
-        endpoint_report, adapted = endpoints(policy, judge)
-        notes = checked + adapted
+            engine.stats.failures = rate.failures
+            session.progress.close()
+            await engine.aclose()
+        endpoint_report, adapted = session.adaptations()
+        notes = session.notes + adapted
         endpoint_report["notes"] = notes
-        collected = collect(inputs.prompts, store, settings, engine.policy_identity, engine.judge_identity)
-        splits = write_dataset(cfg, collected, store)
-        failures = in_input_order(store.failures(), inputs.prompts)
-        write_failures(cfg.output_dir / FAILURES_FILE, failures)
-        elapsed = time.monotonic() - started
-        counts = {
-            "input_records": inputs.records,
-            "bad_records": len(inputs.bad),
-            "unique_prompts": n,
-            "duplicate_prompts": inputs.records - n,
-            "with_candidates": len(collected.candidates),
-            "judged": len(collected.pairs),
-            "pairs": sum(splits.values()),
-            "splits": splits,
-            "failures": len(failures),
-            **consistency(collected.pairs, failures, cfg.judge.passes),
-        }
-        manifest = {
-            "caiforge": __version__,
-            "config": cfg.public_dict(),
-            "counts": counts,
-            "failures_by_reason": dict(sorted(Counter(f"{f.stage}: {f.reason}" for f in failures).items())),
-            "stats": engine.stats.as_dict(),
-            "constitution_sha256": sha256_text(inputs.constitution),
-            "policy": engine.policy_identity,
-            "judge": {
-                **engine.judge_identity,
-                "mode": cfg.judge.mode,
-                "passes": cfg.judge.passes,
-                "layout": cfg.judge.layout,
-            },
-            "endpoints": endpoint_report,
-            "versions": _versions(),
-            "timings": {"started": started_wall, "finished": time.time(), "elapsed_s": round(elapsed, 3)},
-            "attempt": store.attempt,
-            "database": DB_NAME,
-        }
-        warnings = run_warnings(cfg)
-        manifest["warnings"] = warnings
-        write_json(cfg.output_dir / MANIFEST_FILE, manifest, indent=2)
-        write_atomic(cfg.output_dir / "README.md", dataset_card(manifest, warnings))
-        write_report(cfg.output_dir)
-        status = "finished"
-        return RunResult(cfg.output_dir, counts, failures, engine.stats, elapsed, manifest, warnings, notes)
-    finally:
-        store.end_attempt(status, engine.stats.as_dict())
-        store.close()
+        result = write_run(cfg, store, descriptor, inputs, engine.stats, notes, endpoint_report, started_wall, started)
+        session.finish()
+        return result
+
+
+def write_run(
+    cfg: RunConfig,
+    store: Store,
+    descriptor: RunDescriptor,
+    inputs: Inputs,
+    stats: Stats,
+    notes: list[str],
+    endpoint_report: dict[str, Any],
+    started_wall: float,
+    started: float,
+) -> RunResult:
+    """Every file of a finished run, from its store."""
+    data = dataset(cfg, list(records(store, descriptor)))
+    splits = data.assign_splits()
+    store.set_splits((pid, name, rank) for name, ids in splits.items() for rank, pid in enumerate(ids))
+    files: dict[str, str] = {}
+    for writer in ("seed", "failures"):
+        files.update(WRITERS[writer](data, splits))
+    failures = data.failures()
+    pairs = data.pairs
+    write_files(cfg.output_dir, files)
+    n = len(inputs.prompts)
+    split_counts = {name: len(ids) for name, ids in splits.items()}
+    counts: dict[str, Any] = {
+        "input_records": inputs.records,
+        "bad_records": len(inputs.bad),
+        "unique_prompts": n,
+        "duplicate_prompts": inputs.records - n,
+        "with_candidates": sum(1 for r in data.records if r.prompt is not None and r.responses is not None),
+        "judged": len(pairs),
+        "pairs": sum(split_counts.values()),
+        "splits": split_counts,
+        "failures": len(failures),
+        **consistency(pairs, failures, cfg.judge.passes),
+    }
+    elapsed = time.monotonic() - started
+    warnings = run_warnings(cfg)
+    manifest = Manifest(
+        caiforge=__version__,
+        config=cfg.public_dict(),
+        counts=Counts(**counts),
+        failures_by_reason=dict(sorted(Counter(f"{f.stage}: {f.reason}" for f in failures).items())),
+        stats=RunStats(**stats.as_dict()),
+        constitution_sha256=sha256_text(inputs.constitution),
+        policy=descriptor.identities["policy"],
+        judge={**descriptor.identities["judge"], "mode": cfg.judge.mode, "passes": cfg.judge.passes,
+               "layout": cfg.judge.layout},
+        endpoints=endpoint_report,
+        versions=versions(),
+        timings=Timings(started=started_wall, finished=time.time(), elapsed_s=round(elapsed, 3)),
+        attempt=store.attempt,
+        database=DB_NAME,
+        warnings=warnings,
+    )
+    manifest.write(cfg.output_dir)
+    write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))
+    write_report(cfg.output_dir)
+    return RunResult(cfg.output_dir, counts, failures, stats, elapsed, manifest.dump(), warnings, notes)
 
 
 def run(cfg: RunConfig, fresh: bool = False) -> RunResult:
     """Synchronous entry point; SIGTERM and Ctrl-C stop cleanly and keep everything finished so far."""
-
-    async def main() -> RunResult:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        assert task is not None
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread: no signals
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        return await run_async(cfg, fresh=fresh)
-
-    try:
-        return asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        raise RunAborted(
-            f"interrupted; finished requests are saved in {cfg.output_dir / DB_NAME}. "
-            "Rerun the same command to continue where it stopped."
-        ) from exc
+    return run_sync(lambda: run_async(cfg, fresh=fresh), cfg.output_dir)

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .errors import InputError
-from .outputs import FAILURES_FILE, MANIFEST_FILE, PREFERENCES_FILE, write_atomic
+from .manifest import Manifest
+from .outputs import FAILURES_FILE, PREFERENCES_FILE, write_atomic
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
@@ -33,13 +34,13 @@ CHOICES = ("chosen", "rejected")
 def write_report(output_dir: Path) -> Path:
     """Write ``report.md`` and its plots for a finished run in ``output_dir``; return the report's path."""
     output_dir = Path(output_dir)
-    manifest = _load_manifest(output_dir)
+    manifest = Manifest.read(output_dir)
     pairs = _load_pairs(output_dir / PREFERENCES_FILE)
     failures = _failure_counts(output_dir / FAILURES_FILE, manifest)
     plots = output_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     lines = ["# caiforge run report", ""]
-    for warning in manifest.get("warnings") or []:
+    for warning in manifest.warnings:
         lines += [f"> **Warning.** {warning}", ""]
     lines += _summary(manifest, failures)
     lines += _temperatures(pairs, manifest, plots)
@@ -52,17 +53,6 @@ def write_report(output_dir: Path) -> Path:
     path = output_dir / REPORT_FILE
     write_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path
-
-
-def _load_manifest(output_dir: Path) -> dict[str, Any]:
-    """The manifest is what marks a folder as a run; without it there is nothing trustworthy to report."""
-    try:
-        manifest = json.loads((output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{output_dir}: not a caiforge run (no manifest.json)") from exc
-    return manifest
 
 
 def _load_pairs(path: Path) -> list[dict[str, Any]]:
@@ -78,10 +68,10 @@ def _load_pairs(path: Path) -> list[dict[str, Any]]:
     return [pair for pair in data if isinstance(pair, dict)]
 
 
-def _failure_counts(path: Path, manifest: dict[str, Any]) -> Counter[str]:
+def _failure_counts(path: Path, manifest: Manifest) -> Counter[str]:
     """Failures by ``stage: reason`` (the manifest's key format); the manifest's tally when the file is absent."""
     if not path.exists():
-        return Counter({str(k): int(v) for k, v in (manifest.get("failures_by_reason") or {}).items() if v})
+        return Counter({k: v for k, v in manifest.failures_by_reason.items() if v})
     counts: Counter[str] = Counter()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -154,31 +144,34 @@ def _bars(ax: Any, labels: list[str], first: list[int], second: list[int], names
     ax.legend()
 
 
-def _summary(manifest: dict[str, Any], failures: Counter[str]) -> list[str]:
-    counts, judge = manifest.get("counts") or {}, (manifest.get("config") or {}).get("judge") or {}
-    splits = ", ".join(f"{name}: {n}" for name, n in (counts.get("splits") or {}).items())
-    dupes, passes = counts.get("duplicate_prompts"), judge.get("passes")
-    rate, elapsed = counts.get("consistency_rate"), (manifest.get("timings") or {}).get("elapsed_s")
+def _summary(manifest: Manifest, failures: Counter[str]) -> list[str]:
+    counts, judge, given = manifest.counts, manifest.judge_config(), manifest.counts.model_fields_set
+    splits = ", ".join(f"{name}: {n}" for name, n in counts.splits.items())
+    dupes, passes = counts.duplicate_prompts, judge.get("passes")
+    rate, elapsed = counts.consistency_rate, manifest.timings.elapsed_s
     dupes_text = f" ({dupes} duplicates merged)" if dupes else ""
     passes_text = f", {passes} pass{'es' if passes != 1 else ''}" if passes else ""
+
+    def count(name: str) -> str:
+        return str(getattr(counts, name)) if name in given else "n/a"
+
     rows = [
-        ("pairs", f"{counts.get('pairs', 'n/a')}" + (f" ({splits})" if splits else "")),
-        ("unique prompts", f"{counts.get('unique_prompts', 'n/a')}{dupes_text}"),
-        ("failures", str(counts.get("failures", sum(failures.values())))),
+        ("pairs", count("pairs") + (f" ({splits})" if splits else "")),
+        ("unique prompts", f"{count('unique_prompts')}{dupes_text}"),
+        ("failures", str(counts.failures if "failures" in given else sum(failures.values()))),
         ("judge mode", f"{judge.get('mode', 'n/a')}{passes_text}"),
         ("consistency rate", "n/a" if rate is None else _pct(rate, 1)),
         ("elapsed", "n/a" if elapsed is None else f"{elapsed:.1f} s"),
     ]
-    for role in ROLES:
-        info = manifest.get(role) or {}
+    for role, info in (("policy", manifest.policy), ("judge", manifest.judge)):
         if info.get("model") or info.get("backend"):
             rows.append((role, f"{info.get('backend', '')} `{info.get('model', '')}`".strip()))
     return _section("Summary", "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]))
 
 
-def _temperature_keys(pairs: list[dict[str, Any]], manifest: dict[str, Any]) -> list[str]:
+def _temperature_keys(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
     """Config order first (it is the run's), then any other key seen in the data, by temperature."""
-    keys = [f"response_t={t}" for t in (manifest.get("config") or {}).get("temperatures") or []]
+    keys = [f"response_t={t}" for t in manifest.config.get("temperatures") or []]
     seen: set[str] = set()
     for pair in pairs:
         raw = _raw(pair)
@@ -194,7 +187,7 @@ def _temperature_keys(pairs: list[dict[str, Any]], manifest: dict[str, Any]) -> 
     return keys + sorted(seen - set(keys), key=order)
 
 
-def _temperatures(pairs: list[dict[str, Any]], manifest: dict[str, Any], plots: Path) -> list[str]:
+def _temperatures(pairs: list[dict[str, Any]], manifest: Manifest, plots: Path) -> list[str]:
     """Which temperature wins and loses: a judge that always picks the coldest answer is worth knowing about."""
     name, title = "temperatures.png", "Chosen and rejected by temperature"
     keys = _temperature_keys(pairs, manifest)
@@ -254,17 +247,17 @@ def _positions(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     return _section(title, figure, text)
 
 
-def _consistency(pairs: list[dict[str, Any]], manifest: dict[str, Any]) -> list[str]:
+def _consistency(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
     """Agreement between two passes in opposite orders is the cheapest check that the judge reads the answers."""
-    counts, title = manifest.get("counts") or {}, "Consistency"
-    rate = counts.get("consistency_rate")
+    counts, title = manifest.counts, "Consistency"
+    rate = counts.consistency_rate
     if rate is None:
-        passes = ((manifest.get("config") or {}).get("judge") or {}).get("passes")
+        passes = manifest.judge_config().get("passes")
         why = "the judge ran one pass per prompt" if passes in (None, 1) else "the manifest does not record it"
         return _section(title, f"Not measured: {why}.")
     text = f"Two passes in opposite orders agreed in {_pct(rate, 1)} of judged prompts"
-    inconsistent = counts.get("inconsistent")
-    if _is_int(inconsistent):
+    inconsistent = counts.inconsistent
+    if inconsistent is not None:
         text += f"; {inconsistent} prompt{'s were' if inconsistent != 1 else ' was'} inconsistent."
     else:
         text += "."
@@ -325,20 +318,21 @@ def _lengths(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     return _section(title, figure, text)
 
 
-def _usage(manifest: dict[str, Any], plots: Path) -> list[str]:
+def _usage(manifest: Manifest, plots: Path) -> list[str]:
     """Cost and load: tokens, requests and where adaptive concurrency settled, per role."""
     name, title = "tokens.png", "Requests and tokens"
-    stats = manifest.get("stats") or {}
-    tokens, concurrency = stats.get("tokens") or {}, stats.get("concurrency") or {}
+    stats = manifest.stats
+    tokens, concurrency = stats.tokens, stats.concurrency
+    counted = {"requests": stats.requests, "retries": stats.retries, "cached": stats.cached}
     found = {k.rsplit("_", 1)[0] for k in tokens} | set(concurrency)
-    found |= {role for part in ("requests", "retries", "cached") for role in stats.get(part) or {}}
+    found |= {role for part in counted.values() for role in part}
     roles = [r for r in ROLES if r in found] + sorted(found - set(ROLES))
     if not roles:
         return _section(title, _skip(plots, name, "Skipped because the manifest records no request statistics."))
     header = "| role | requests | retries | cached | prompt tokens | completion tokens |\n|---|---|---|---|---|---|"
     table = [header] + [
         f"| {r} | "
-        + " | ".join(f"{(stats.get(part) or {}).get(r, 0):,}" for part in ("requests", "retries", "cached"))
+        + " | ".join(f"{part.get(r, 0):,}" for part in counted.values())
         + f" | {tokens.get(f'{r}_prompt', 0):,} | {tokens.get(f'{r}_completion', 0):,} |"
         for r in roles
     ]

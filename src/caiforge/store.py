@@ -1,9 +1,16 @@
-"""The durable record of a run: every finished request, committed as it completes (SQLite, WAL).
+"""The durable record of a run (SQLite, WAL): every finished request, every prompt's outcome, and what the run
+was, so that a run can be rebuilt from this file alone.
 
-This is the single source of a run's results: outputs are rebuilt from it, a rerun reads it to skip finished
-requests, and future exporters read it. Writes happen on the event-loop thread; with WAL and
-``synchronous=NORMAL`` a commit costs tens of microseconds and survives a killed process.
-Schema changes are numbered migrations recorded in ``_migrations`` (the way simonw/llm does it).
+- ``replies``: every finished request, keyed by content (the engine's cache; a rerun sends none of them again);
+- ``prompts``: this run's unique prompts with stable ids, in input order;
+- ``descriptor``: what determines the results (pipeline, its settings, each endpoint's identity, the config);
+- ``results``: each prompt's record or failure, tagged with the descriptor it was made under;
+- ``splits``: the split each usable pair was assigned to, and its rank there;
+- ``failures``: what failed outside any prompt (bad input records), per attempt; ``attempts``: each run.
+
+The store holds JSON and knows nothing of what it means (:mod:`caiforge.records` reads it). Writes happen on
+the event-loop thread; with WAL and ``synchronous=NORMAL`` a commit costs tens of microseconds and survives a
+killed process. Schema changes are numbered migrations recorded in ``_migrations`` (as simonw/llm does).
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import InputError
+from .request import Reply
 
 DB_NAME = "caiforge.db"
 
@@ -56,6 +64,32 @@ def _m002_judge_calls_and_verdicts(db: sqlite3.Connection) -> None:
     )
 
 
+def _m003_one_reply_table_and_run_records(db: sqlite3.Connection) -> None:
+    """0.1 kept policy and judge replies apart; one engine keeps one table. Keys are unchanged (the request
+    keys of 0.1's two request shapes are kept on purpose), so a 0.1 run resumes with nothing sent again."""
+    db.executescript(
+        """
+        CREATE TABLE replies (
+            key TEXT PRIMARY KEY, role TEXT NOT NULL, text TEXT NOT NULL, top_logprobs TEXT,
+            prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL);
+        INSERT OR IGNORE INTO replies
+            SELECT key, 'policy', response, NULL, prompt_tokens, completion_tokens, created FROM generations;
+        INSERT OR IGNORE INTO replies
+            SELECT key, 'judge', reply, top_logprobs, prompt_tokens, completion_tokens, created FROM judge_calls;
+        DROP TABLE generations;
+        DROP TABLE judge_calls;
+        DROP TABLE verdicts;
+        CREATE TABLE prompts (id TEXT PRIMARY KEY, position INTEGER NOT NULL, text TEXT NOT NULL);
+        CREATE INDEX prompts_position ON prompts(position);
+        CREATE TABLE descriptor (id INTEGER PRIMARY KEY CHECK (id = 1), key TEXT NOT NULL, data TEXT NOT NULL);
+        CREATE TABLE results (
+            prompt_id TEXT PRIMARY KEY, run_key TEXT NOT NULL, status TEXT NOT NULL, data TEXT NOT NULL,
+            attempt INTEGER, created REAL NOT NULL);
+        CREATE TABLE splits (prompt_id TEXT PRIMARY KEY, split TEXT NOT NULL, rank INTEGER NOT NULL);
+        """
+    )
+
+
 def _lock(path: Path) -> IO[bytes] | None:
     """An exclusive advisory lock (POSIX flock; released by the OS even after kill -9)."""
     try:
@@ -73,32 +107,20 @@ def _lock(path: Path) -> IO[bytes] | None:
     return handle
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m001_initial, _m002_judge_calls_and_verdicts]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _m001_initial,
+    _m002_judge_calls_and_verdicts,
+    _m003_one_reply_table_and_run_records,
+]
 
 
-@dataclass(frozen=True)
-class Generation:
-    response: str
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    prompt: str | None
-    stage: str
-    reason: str
-    detail: str = ""
-    source: str | None = None
-    line: int | None = None
-
-    def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"prompt": self.prompt, "stage": self.stage, "reason": self.reason}
-        if self.detail:
-            out["detail"] = self.detail
-        if self.source is not None:
-            out["source"], out["line"] = self.source, self.line
-        return out
+@dataclass(frozen=True, kw_only=True)
+class StoredResult:
+    prompt_id: str
+    position: int
+    prompt: str
+    status: str | None  # None: no result under the current descriptor yet
+    data: dict[str, Any] | None
 
 
 class Store:
@@ -157,78 +179,95 @@ class Store:
             (time.time(), status, json.dumps(stats, sort_keys=True), self.attempt),
         )
 
-    # -- generations ------------------------------------------------------------------------------------
-    def get_generation(self, key: str) -> Generation | None:
+    # -- replies (the engine's cache) ---------------------------------------------------------------------
+    def get_reply(self, key: str) -> Reply | None:
         row = self.db.execute(
-            "SELECT response, prompt_tokens, completion_tokens FROM generations WHERE key = ?", (key,)
-        ).fetchone()
-        return Generation(*row) if row else None
-
-    def put_generation(self, key: str, prompt: str, temperature: float, gen: Generation) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, prompt, temperature, gen.response, gen.prompt_tokens, gen.completion_tokens, time.time()),
-        )
-
-    # -- judge calls and verdicts -----------------------------------------------------------------------
-    def get_call(self, key: str) -> tuple[str, list[list[dict[str, Any]]] | None, int | None, int | None] | None:
-        row = self.db.execute(
-            "SELECT reply, top_logprobs, prompt_tokens, completion_tokens FROM judge_calls WHERE key = ?", (key,)
+            "SELECT text, top_logprobs, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,)
         ).fetchone()
         if row is None:
             return None
-        return row[0], json.loads(row[1]) if row[1] else None, row[2], row[3]
+        text, top, prompt_tokens, completion_tokens = row
+        return Reply(
+            text=text,
+            top_logprobs=json.loads(top) if top else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached=True,
+        )
 
-    def put_call(
-        self,
-        key: str,
-        reply: str,
-        top_logprobs: list[list[dict[str, Any]]] | None,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-    ) -> None:
+    def put_reply(self, key: str, role: str, reply: Reply) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO judge_calls VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 key,
-                reply,
-                json.dumps(top_logprobs) if top_logprobs else None,
-                prompt_tokens,
-                completion_tokens,
+                role,
+                reply.text,
+                json.dumps(reply.top_logprobs) if reply.top_logprobs else None,
+                reply.prompt_tokens,
+                reply.completion_tokens,
                 time.time(),
             ),
         )
 
-    def get_verdict(self, key: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT data FROM verdicts WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+    # -- what the run is ----------------------------------------------------------------------------------
+    def set_prompts(self, prompts: Iterable[tuple[str, str]]) -> None:
+        """This attempt's prompts as (id, text), in input order: they replace the last attempt's."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM prompts")
+            self.db.executemany(
+                "INSERT INTO prompts VALUES (?, ?, ?)", ((pid, i, text) for i, (pid, text) in enumerate(prompts))
+            )
 
-    def put_verdict(self, key: str, prompt: str, data: dict[str, Any]) -> None:
+    def set_descriptor(self, key: str, data: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO descriptor VALUES (1, ?, ?)", (key, json.dumps(data, sort_keys=True)))
+
+    def descriptor(self) -> tuple[str, dict[str, Any]] | None:
+        row = self.db.execute("SELECT key, data FROM descriptor WHERE id = 1").fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    # -- outcomes -------------------------------------------------------------------------------------------
+    def put_result(self, prompt_id: str, run_key: str, status: str, data: dict[str, Any]) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", (key, prompt, json.dumps(data), time.time())
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+            (prompt_id, run_key, status, json.dumps(data), self.attempt, time.time()),
         )
 
-    # -- failures ---------------------------------------------------------------------------------------
-    def put_failure(self, failure: Failure) -> None:
+    def results(self, run_key: str) -> Iterator[StoredResult]:
+        """Every prompt in input order, with its result made under ``run_key`` (or none yet)."""
+        rows = self.db.execute(
+            "SELECT p.id, p.position, p.text, r.status, r.data FROM prompts p "
+            "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? ORDER BY p.position",
+            (run_key,),
+        )
+        for pid, position, text, status, data in rows:
+            yield StoredResult(
+                prompt_id=pid, position=position, prompt=text, status=status, data=json.loads(data) if data else None
+            )
+
+    def set_splits(self, assignment: Iterable[tuple[str, str, int]]) -> None:
+        """(prompt id, split, rank in the split) for every usable pair, replacing any earlier assignment."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM splits")
+            self.db.executemany("INSERT INTO splits VALUES (?, ?, ?)", assignment)
+
+    def splits(self) -> dict[str, tuple[str, int]]:
+        return {pid: (split, rank) for pid, split, rank in self.db.execute("SELECT * FROM splits")}
+
+    # -- failures outside any prompt --------------------------------------------------------------------
+    def put_failure(self, *, stage: str, reason: str, detail: str, source: str | None, line: int | None) -> None:
         self.db.execute(
             "INSERT INTO failures (attempt, prompt, stage, reason, detail, source, line, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                self.attempt,
-                failure.prompt,
-                failure.stage,
-                failure.reason,
-                failure.detail,
-                failure.source,
-                failure.line,
-                time.time(),
-            ),
+            "VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
+            (self.attempt, stage, reason, detail, source, line, time.time()),
         )
 
-    def failures(self, attempt: int | None = None) -> Iterator[Failure]:
+    def failures(self, attempt: int | None) -> Iterator[tuple[str, str, str, str | None, int | None]]:
+        """(stage, reason, detail, source, line) of an attempt, in the order they were recorded."""
         rows = self.db.execute(
-            "SELECT prompt, stage, reason, detail, source, line FROM failures WHERE attempt = ? ORDER BY id",
-            (attempt if attempt is not None else self.attempt,),
+            "SELECT stage, reason, detail, source, line FROM failures WHERE attempt = ? AND prompt IS NULL "
+            "ORDER BY id",
+            (attempt,),
         )
-        for row in rows:
-            yield Failure(*row)
+        yield from rows

@@ -1,7 +1,7 @@
 """From candidates to a verdict: hygiene, the order the judge sees, one or two passes, and the labelling mode.
 
-The judge is reached through one injected ``ask`` function (the engine's: cached, limited, retried), so this
-module is the whole judging policy and nothing else. Modes:
+The judge is reached through one injected ``ask`` function (the engine's, bound to the judge role: cached,
+limited, retried), so this module is the whole judging policy and nothing else. Modes:
 
 - ``whole`` (the seed's): the whole constitution as system prompt, every distinct candidate numbered, the judge
   names ``{"chosen": x, "rejected": y}``. Candidates are shown in a seeded random order and quoted between
@@ -15,11 +15,9 @@ With ``passes=2`` the judge is asked again with the order reversed, and a pair i
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .backends import Completion
 from .errors import BackendError, BadModelOutput
 from .judge import (
     CopiedDecision,
@@ -32,10 +30,9 @@ from .judge import (
     quote_tag,
     shown_order,
 )
-from .keys import content_key, sha256_text
+from .keys import sha256_text
 from .principles import label, pairwise_messages, pick, pick_pair
-
-Ask = Callable[..., Awaitable[Completion]]  # ask(messages, seed=, schema=, logprobs=, max_tokens=)
+from .request import Ask, Request
 ANSWER_TOKENS = 4  # room for "(", " " or "Answer:" before the letter; the soft label reads the letter's position
 
 
@@ -68,7 +65,7 @@ class JudgeSpec:
         return parts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Verdict:
     """Indices refer to the candidate list as given (temperature order)."""
 
@@ -83,19 +80,8 @@ class Verdict:
     principle: str | None = None
     merged: dict[int, list[int]] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "merged": {str(k): v for k, v in self.merged.items()}}
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Verdict:
-        return cls(**{**data, "merged": {int(k): v for k, v in data.get("merged", {}).items()}})
-
-
-def verdict_key(prompt: str, candidates: list[str], spec: JudgeSpec, judge: dict[str, Any]) -> str:
-    return content_key("verdict", prompt=prompt, candidates=candidates, spec=spec.key_parts(), judge=judge)
-
-
-async def _whole_pass(
+async def whole_pass(
     ask: Ask, spec: JudgeSpec, prompt: str, texts: list[str], tag: str | None
 ) -> tuple[int, int, str]:
     """One numbered multiple choice; (chosen, rejected) as 1-based positions in ``texts``."""
@@ -108,7 +94,7 @@ async def _whole_pass(
         text = ""
         try:
             reply = await ask(
-                messages, seed=spec.seed + attempt, schema=schema, logprobs=False, max_tokens=spec.max_tokens
+                Request(messages=messages, seed=spec.seed + attempt, schema=schema, max_tokens=spec.max_tokens)
             )
             text = reply.text
             decision = parse_decision(text, len(texts))
@@ -125,7 +111,7 @@ async def _whole_pass(
     raise type(last)(f"{last} (after {len(errors)} attempts; last reply: {errors[-1][:300]!r})")
 
 
-async def _pairwise(ask: Ask, spec: JudgeSpec, principle: str, prompt: str, a: str, b: str) -> float:
+async def pairwise(ask: Ask, spec: JudgeSpec, principle: str, prompt: str, a: str, b: str) -> float:
     """P(A is better) under one principle."""
     cot = spec.mode == "principle-cot"
     messages = pairwise_messages(principle, prompt, a, b, cot)
@@ -133,11 +119,12 @@ async def _pairwise(ask: Ask, spec: JudgeSpec, principle: str, prompt: str, a: s
     for attempt in range(spec.parse_retries + 1):
         try:
             reply = await ask(
-                messages,
-                seed=spec.seed + attempt,
-                schema=None,
-                logprobs=not cot,
-                max_tokens=spec.max_tokens if cot else ANSWER_TOKENS,
+                Request(
+                    messages=messages,
+                    seed=spec.seed + attempt,
+                    logprobs=not cot,
+                    max_tokens=spec.max_tokens if cot else ANSWER_TOKENS,
+                )
             )
         except BadModelOutput as exc:
             replies.append(str(exc))
@@ -173,7 +160,7 @@ async def _decide_whole(
     orders = [order, order[::-1]][: spec.passes]
     results = []
     for shown in orders:
-        c, r, explanation = await _whole_pass(ask, spec, prompt, [candidates[i] for i in shown], tag)
+        c, r, explanation = await whole_pass(ask, spec, prompt, [candidates[i] for i in shown], tag)
         results.append((shown[c - 1], shown[r - 1], explanation, c, r))
     chosen, rejected, explanation, c_pos, r_pos = results[0]
     if len(results) == 2 and results[1][:2] != (chosen, rejected):
@@ -182,7 +169,14 @@ async def _decide_whole(
             f"#{results[1][3]} over #{results[1][4]} (different candidates)"
         )
     return Verdict(
-        chosen, rejected, explanation, order, c_pos, r_pos, True if spec.passes == 2 else None, None, None, merged
+        chosen=chosen,
+        rejected=rejected,
+        explanation=explanation,
+        order=order,
+        chosen_position=c_pos,
+        rejected_position=r_pos,
+        consistent=True if spec.passes == 2 else None,
+        merged=merged,
     )
 
 
@@ -192,23 +186,33 @@ async def _decide_pairwise(
     i, j = pick_pair(len(kept), spec.seed, prompt)
     a, b = kept[i], kept[j]
     principle = pick(list(spec.principles), "principle", spec.seed, prompt)
-    p_a = [await _pairwise(ask, spec, principle, prompt, candidates[a], candidates[b])]
+    p_a = [await pairwise(ask, spec, principle, prompt, candidates[a], candidates[b])]
     if spec.passes == 2:
-        p_a.append(1.0 - await _pairwise(ask, spec, principle, prompt, candidates[b], candidates[a]))
+        p_a.append(1.0 - await pairwise(ask, spec, principle, prompt, candidates[b], candidates[a]))
         if (p_a[0] > 0.5) != (p_a[1] > 0.5):
             raise Inconsistent(f"P(first wins) was {p_a[0]:.2f} in one order and {p_a[1]:.2f} reversed")
     mean = sum(p_a) / len(p_a)
     chosen, rejected = (a, b) if mean >= 0.5 else (b, a)
     prob = mean if chosen == a else 1.0 - mean
     return Verdict(
-        chosen,
-        rejected,
-        f"principle: {principle}",
-        [a, b],
-        1 if chosen == a else 2,
-        2 if chosen == a else 1,
-        True if spec.passes == 2 else None,
-        round(prob, 6),
-        principle,
-        merged,
+        chosen=chosen,
+        rejected=rejected,
+        explanation=f"principle: {principle}",
+        order=[a, b],
+        chosen_position=1 if chosen == a else 2,
+        rejected_position=2 if chosen == a else 1,
+        consistent=True if spec.passes == 2 else None,
+        chosen_prob=round(prob, 6),
+        principle=principle,
+        merged=merged,
     )
+
+
+async def prefer(ask: Ask, spec: JudgeSpec, prompt: str, first: str, second: str) -> int:
+    """1 or 2: the position the judge prefers when shown (first, second), in one pass (``eval-judge``)."""
+    if spec.mode == "whole":
+        tag = quote_tag(spec.seed, prompt) if spec.layout == "caiforge" else None
+        chosen, _, _ = await whole_pass(ask, spec, prompt, [first, second], tag)
+        return chosen
+    principle = pick(list(spec.principles), "principle", spec.seed, prompt)
+    return 1 if await pairwise(ask, spec, principle, prompt, first, second) >= 0.5 else 2

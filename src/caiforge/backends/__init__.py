@@ -1,32 +1,63 @@
-"""Backend registry: the kind named on the command line -> a factory. Add a server kind here."""
+"""The backend registry: every module of this package that defines ``KINDS`` adds its server kinds.
+
+The CLI's ``--policy-backend``/``--judge-backend`` choices, the inference of a kind from the flags given, each
+kind's defaults and the "which model does what" line all come from here, so a new server kind is one file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from ..config import RunConfig
-from .base import Completion, JudgeBackend, PolicyBackend
-from .local import LocalJudge, LocalPolicy
-from .nemo import NemoPolicy
-from .openai import OpenAIJudge, OpenAIPolicy
+from .base import Backend, Capabilities, Kind
 
-__all__ = ["Completion", "JudgeBackend", "PolicyBackend", "make_judge", "make_policy"]
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
-POLICIES: dict[str, Callable[[RunConfig], object]] = {
-    "nemo": NemoPolicy,
-    "openai-completions": lambda cfg: OpenAIPolicy(cfg, chat=False),
-    "openai-chat": lambda cfg: OpenAIPolicy(cfg, chat=True),
-    "local": LocalPolicy,
-}
-JUDGES: dict[str, Callable[[RunConfig], object]] = {
-    "openai": OpenAIJudge,
-    "local": LocalJudge,
-}
+__all__ = ["Backend", "Capabilities", "Kind", "choices", "describe", "infer", "kind", "make", "resolve"]
 
 
-def make_policy(cfg: RunConfig) -> PolicyBackend:
-    return POLICIES[cfg.policy.backend or "local"](cfg)  # type: ignore[return-value]
+@cache
+def _kinds() -> dict[str, Kind]:
+    found: dict[str, Kind] = {}
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        for k in getattr(importlib.import_module(f"{__name__}.{module}"), "KINDS", ()):
+            if k.name in found:
+                raise RuntimeError(f"backend kind {k.name!r} is defined twice")
+            found[k.name] = k
+    return found
 
 
-def make_judge(cfg: RunConfig) -> JudgeBackend:
-    return JUDGES[cfg.judge.backend or "local"](cfg)  # type: ignore[return-value]
+def choices(role: str) -> tuple[str, ...]:
+    return tuple(name for name, k in _kinds().items() if role in k.roles)
+
+
+def kind(name: str, role: str) -> Kind:
+    k = _kinds().get(name)
+    if k is None or role not in k.roles:
+        raise ValueError(f"unknown {role} backend {name!r}; choose one of {', '.join(choices(role))}")
+    return k
+
+
+def infer(role: str, section: Any) -> str:
+    """The kind a role's settings point at when none is named (a URL, a host, a key, else the local model)."""
+    candidates = sorted((k for k in _kinds().values() if role in k.roles), key=lambda k: -k.priority)
+    return next(k.name for k in candidates if k.infer(section))
+
+
+def resolve(role: str, section: Any) -> Any:
+    """The role's settings with its kind named and that kind's defaults filled in."""
+    name = section.backend or infer(role, section)
+    return kind(name, role).resolve(section.model_copy(update={"backend": name}))
+
+
+def make(cfg: RunConfig, role: str) -> Backend:
+    section = getattr(cfg, role)
+    return kind(section.backend, role).make(cfg, role)
+
+
+def describe(cfg: RunConfig, role: str) -> str:
+    section = getattr(cfg, role)
+    return kind(section.backend, role).where(cfg, role)

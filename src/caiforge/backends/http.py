@@ -15,6 +15,7 @@ import errno
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -93,11 +94,30 @@ def connection_problem(exc: BaseException) -> str:
     return f"connection failed ({exc.__class__.__name__}: {exc})"
 
 
+# (method, url, json body, headers) -> (status, response headers, body): what a test double stands in for, as
+# httpx's MockTransport does; errors it raises are translated like aiohttp's.
+Transport = Callable[
+    [str, str, dict[str, Any] | None, dict[str, str]], Awaitable[tuple[int, Mapping[str, str], bytes]]
+]
+
+
 class HttpClient:
-    def __init__(self, timeout: float, api_key: str | None = None) -> None:
+    def __init__(self, timeout: float, api_key: str | None = None, transport: Transport | None = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._api_key = api_key or None
         self._session: aiohttp.ClientSession | None = None
+        self._transport = transport
+
+    async def _aiohttp(
+        self, method: str, url: str, payload: dict[str, Any] | None, headers: dict[str, str], timeout: Any
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        if self._session is None:
+            # No connection cap here: the engine's limiter decides how many requests are in flight.
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
+            )
+        async with self._session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
+            return resp.status, resp.headers, await resp.read()
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -115,19 +135,13 @@ class HttpClient:
         payload: dict[str, Any] | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> dict[str, Any]:
-        if self._session is None:
-            # No connection cap here: the engine's limiter decides how many requests are in flight.
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
-            )
         timeout = timeout or self._timeout
         try:
-            async with self._session.request(
-                method, url, json=payload, headers=self._headers(), timeout=timeout
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
+            if self._transport is not None:
+                status, headers, body = await self._transport(method, url, payload, self._headers())
+            else:
+                status, headers, body = await self._aiohttp(method, url, payload, self._headers(), timeout)
+            retry_after = headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 problem = f"no connection within {timeout.sock_connect:g}s"

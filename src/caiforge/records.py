@@ -1,0 +1,155 @@
+"""A run's results as typed records, read from its store alone: no backend, engine or model is loaded.
+
+The run descriptor says what the results were made under (pipeline, temperatures, judge spec, each
+endpoint's identity, the config); :func:`records` yields, in input order, a :class:`PairRecord` or a
+:class:`FailureRecord` for every prompt that has an outcome under that descriptor, after the failures that
+belong to no prompt (bad input records). Output writers are pure functions of these records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .keys import content_key, sha256_text
+from .store import Store
+
+
+def prompt_id(text: str) -> str:
+    """A prompt's stable id: the same text is the same prompt in every run and every file."""
+    return sha256_text(text)[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunDescriptor:
+    """What determines a run's results; results made under another descriptor are not this run's."""
+
+    pipeline: str
+    settings: dict[str, Any]  # the pipeline's own (RL-CAI: temperatures, judge spec)
+    identities: dict[str, dict[str, Any]]  # per role, the endpoint's identity
+    config: dict[str, Any] = field(default_factory=dict)  # the public config: template, splits, seed, ...
+    attempt: int | None = None
+
+    def key(self) -> str:
+        return content_key("run", pipeline=self.pipeline, settings=self.settings, identities=self.identities)
+
+    def save(self, store: Store) -> None:
+        store.set_descriptor(self.key(), asdict(self))
+
+    @classmethod
+    def load(cls, store: Store) -> RunDescriptor | None:
+        found = store.descriptor()
+        return cls(**found[1]) if found else None
+
+
+Responses = dict[float, str]  # candidate text by temperature, in the run's temperature order
+
+
+def _responses_json(responses: Responses) -> list[list[Any]]:
+    return [[t, text] for t, text in responses.items()]
+
+
+def _responses(data: list[list[Any]] | None) -> Responses | None:
+    return None if data is None else {float(t): str(text) for t, text in data}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairRecord:
+    """A judged prompt: its candidates by temperature and the judge's choice among them."""
+
+    prompt_id: str
+    prompt: str
+    responses: Responses
+    chosen_t: float
+    rejected_t: float
+    explanation: str
+    order_t: tuple[float, ...] = ()  # temperatures in the order the judge saw them
+    chosen_position: int | None = None
+    rejected_position: int | None = None
+    consistent: bool | None = None
+    chosen_prob: float | None = None
+    principle: str | None = None
+    merged: dict[float, list[float]] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> str:
+        return self.responses[self.chosen_t]
+
+    @property
+    def rejected(self) -> str:
+        return self.responses[self.rejected_t]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["responses"] = _responses_json(self.responses)
+        data["merged"] = [[t, ms] for t, ms in self.merged.items()]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PairRecord:
+        responses = _responses(data["responses"]) or {}
+        return cls(
+            **{
+                **data,
+                "responses": responses,
+                "order_t": tuple(data.get("order_t") or ()),
+                "merged": {float(t): [float(m) for m in ms] for t, ms in data.get("merged") or []},
+            }
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureRecord:
+    """Why a prompt (or an input record, ``prompt is None``) has no pair; ``responses`` when its candidates
+    were all made before it failed."""
+
+    prompt_id: str | None
+    prompt: str | None
+    stage: str
+    reason: str
+    detail: str = ""
+    source: str | None = None
+    line: int | None = None
+    responses: Responses | None = None
+
+    def record(self) -> dict[str, Any]:
+        """One line of ``failures.jsonl``."""
+        out: dict[str, Any] = {"prompt": self.prompt, "stage": self.stage, "reason": self.reason}
+        if self.detail:
+            out["detail"] = self.detail
+        if self.source is not None:
+            out["source"], out["line"] = self.source, self.line
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["responses"] = None if self.responses is None else _responses_json(self.responses)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FailureRecord:
+        return cls(**{**data, "responses": _responses(data.get("responses"))})
+
+
+Record = PairRecord | FailureRecord
+
+
+def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[Record]:
+    """Input failures of the run's last attempt, then every prompt's outcome in input order (pending prompts,
+    which have none yet, are left out)."""
+    descriptor = descriptor or RunDescriptor.load(store)
+    if descriptor is None:
+        return
+    for stage, reason, detail, source, line in store.failures(descriptor.attempt):
+        yield FailureRecord(prompt_id=None, prompt=None, stage=stage, reason=reason, detail=detail or "",
+                            source=source, line=line)
+    for result in store.results(descriptor.key()):
+        if result.data is None:
+            continue
+        yield PairRecord.from_json(result.data) if result.status == "pair" else FailureRecord.from_json(result.data)
+
+
+def pending(store: Store, descriptor: RunDescriptor) -> int:
+    """Prompts of the run with no outcome yet (an interrupted run)."""
+    return sum(1 for r in store.results(descriptor.key()) if r.status is None)
