@@ -113,9 +113,13 @@ def test_split_loses_and_duplicates_nothing(n, splits, shuffle, seed):
         assert joined == items
 
 
-def Pair(prompt, responses, chosen_t, rejected_t, explanation):  # noqa: N802  (reads like the record it builds)
+def Pair(prompt, responses, chosen_t, rejected_t, explanation):
     return PairRecord(
-        prompt_id="p", prompt=prompt, responses=responses, chosen_t=chosen_t, rejected_t=rejected_t,
+        prompt_id="p",
+        prompt=prompt,
+        responses=responses,
+        chosen_t=chosen_t,
+        rejected_t=rejected_t,
         explanation=explanation,
     )
 

@@ -31,7 +31,16 @@ PROMPTS = [
 # Case name -> extra flags. Each case is one run against the fake server for both roles.
 CASES: dict[str, list[str]] = {
     "chat-whole": ["--policy", "openai-chat"],
-    "nemo-principle-2pass": ["--policy", "nemo", "--judge-mode", "principle", "--judge-passes", "2", "--batch-size", "3"],
+    "nemo-principle-2pass": [
+        "--policy",
+        "nemo",
+        "--judge-mode",
+        "principle",
+        "--judge-passes",
+        "2",
+        "--batch-size",
+        "3",
+    ],
     "completions-whole-2pass-blend": [
         "--policy",
         "openai-completions",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 
 def candidate_key(temperature: float) -> str:
     """The seed's column name, ``response_t=0.51``: ``str`` of the float, as its numpy list prints."""

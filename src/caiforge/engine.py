@@ -170,8 +170,14 @@ class _Endpoint:
         if self.aimd is not None:
             return self.aimd.report()
         lim = self.limiter.limit
-        return {"limit": lim, "highest": lim, "lowest": lim, "ceiling": lim, "decreases": 0,
-                "peak_in_flight": self.limiter.peak}
+        return {
+            "limit": lim,
+            "highest": lim,
+            "lowest": lim,
+            "ceiling": lim,
+            "decreases": 0,
+            "peak_in_flight": self.limiter.peak,
+        }
 
 
 class Engine:

@@ -198,7 +198,9 @@ def dataset(cfg: RunConfig, found: list[PairRecord | FailureRecord]) -> Dataset:
     blend = None
     if cfg.blend_with is not None:
         texts = {
-            split: {kind: [read_text(path, f"blend {kind}") for path in spec[kind]] for kind in ("prompts", "comparisons")}
+            split: {
+                kind: [read_text(path, f"blend {kind}") for path in spec[kind]] for kind in ("prompts", "comparisons")
+            }
             for split, spec in cfg.blend_with.splits.items()
         }
         blend = Blend(name=cfg.blend_with.name, texts=texts)
@@ -251,9 +253,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         rate = FailureRate(cfg.max_failure_rate)
         window = sum(2 * s.concurrency * b.capabilities.batch for b, s in engine.endpoints().values())
         try:
-            await run_each(
-                items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate
-            )
+            await run_each(items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
             engine.stats.failures = rate.failures
@@ -316,8 +316,12 @@ def write_run(
         stats=RunStats(**stats.as_dict()),
         constitution_sha256=sha256_text(inputs.constitution),
         policy=descriptor.identities["policy"],
-        judge={**descriptor.identities["judge"], "mode": cfg.judge.mode, "passes": cfg.judge.passes,
-               "layout": cfg.judge.layout},
+        judge={
+            **descriptor.identities["judge"],
+            "mode": cfg.judge.mode,
+            "passes": cfg.judge.passes,
+            "layout": cfg.judge.layout,
+        },
         endpoints=endpoint_report,
         versions=versions(),
         timings=Timings(started=started_wall, finished=time.time(), elapsed_s=round(elapsed, 3)),

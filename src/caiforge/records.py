@@ -142,8 +142,9 @@ def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[R
     if descriptor is None:
         return
     for stage, reason, detail, source, line in store.failures(descriptor.attempt):
-        yield FailureRecord(prompt_id=None, prompt=None, stage=stage, reason=reason, detail=detail or "",
-                            source=source, line=line)
+        yield FailureRecord(
+            prompt_id=None, prompt=None, stage=stage, reason=reason, detail=detail or "", source=source, line=line
+        )
     for result in store.results(descriptor.key()):
         if result.data is None:
             continue

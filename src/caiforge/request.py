@@ -49,8 +49,12 @@ class Request:
         """The store key. The two shapes caiforge 0.1 sent keep 0.1's keys (``generation``: one user turn at a
         temperature; ``judge-call``: a chat with a seed), so a 0.1 store resumes without a request sent again."""
         user = self.user_turn
-        if user is not None and self.seed is None and self.max_tokens is None and self.schema is None and (
-            not self.logprobs
+        if (
+            user is not None
+            and self.seed is None
+            and self.max_tokens is None
+            and self.schema is None
+            and (not self.logprobs)
         ):
             return content_key("generation", prompt=user, temperature=self.temperature, policy=identity)
         extra: dict[str, Any] = {}

@@ -45,7 +45,7 @@ class FailureRate:
 
 
 class Outcome(Generic[T, R]):
-    __slots__ = ("item", "record", "failure")
+    __slots__ = ("failure", "item", "record")
 
     def __init__(self, item: T, record: R | None, failure: StageFailed | None) -> None:
         self.item, self.record, self.failure = item, record, failure

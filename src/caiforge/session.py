@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from . import backends
 from .backends import Backend
 from .config import RunConfig
-from .engine import Engine, EndpointSettings
+from .engine import EndpointSettings, Engine
 from .errors import InputError, RunAborted
 from .progress import Progress
 from .store import Store

@@ -266,8 +266,7 @@ class Store:
     def failures(self, attempt: int | None) -> Iterator[tuple[str, str, str, str | None, int | None]]:
         """(stage, reason, detail, source, line) of an attempt, in the order they were recorded."""
         rows = self.db.execute(
-            "SELECT stage, reason, detail, source, line FROM failures WHERE attempt = ? AND prompt IS NULL "
-            "ORDER BY id",
+            "SELECT stage, reason, detail, source, line FROM failures WHERE attempt = ? AND prompt IS NULL ORDER BY id",
             (attempt,),
         )
         yield from rows

@@ -33,6 +33,7 @@ from .judge import (
 from .keys import sha256_text
 from .principles import label, pairwise_messages, pick, pick_pair
 from .request import Ask, Request
+
 ANSWER_TOKENS = 4  # room for "(", " " or "Answer:" before the letter; the soft label reads the letter's position
 
 
@@ -81,9 +82,7 @@ class Verdict:
     merged: dict[int, list[int]] = field(default_factory=dict)
 
 
-async def whole_pass(
-    ask: Ask, spec: JudgeSpec, prompt: str, texts: list[str], tag: str | None
-) -> tuple[int, int, str]:
+async def whole_pass(ask: Ask, spec: JudgeSpec, prompt: str, texts: list[str], tag: str | None) -> tuple[int, int, str]:
     """One numbered multiple choice; (chosen, rejected) as 1-based positions in ``texts``."""
     messages = judge_messages(spec.constitution, prompt, texts, tag)
     planted = planted_decisions(texts) if tag is not None else set()

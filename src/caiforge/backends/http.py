@@ -96,9 +96,7 @@ def connection_problem(exc: BaseException) -> str:
 
 # (method, url, json body, headers) -> (status, response headers, body): what a test double stands in for, as
 # httpx's MockTransport does; errors it raises are translated like aiohttp's.
-Transport = Callable[
-    [str, str, dict[str, Any] | None, dict[str, str]], Awaitable[tuple[int, Mapping[str, str], bytes]]
-]
+Transport = Callable[[str, str, dict[str, Any] | None, dict[str, str]], Awaitable[tuple[int, Mapping[str, str], bytes]]]
 
 
 class HttpClient:

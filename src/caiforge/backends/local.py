@@ -177,7 +177,12 @@ def policy_options(cfg: RunConfig) -> LocalOptions:
         threads=cfg.local.threads,
         n_ctx=cfg.local.n_ctx,
         logits_all=_logits_all(cfg),
-        params={"top_p": s.top_p, "top_k": s.top_k, "repeat_penalty": s.repetition_penalty, "max_tokens": s.tokens_to_generate},
+        params={
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "repeat_penalty": s.repetition_penalty,
+            "max_tokens": s.tokens_to_generate,
+        },
         greedy=s.greedy,
         system=system or None,
         seed=cfg.seed,

@@ -64,7 +64,9 @@ class RlCai:
             v = await decide(self._judge, self.s.judge, prompt, list(responses.values()))
         except BackendError as exc:
             stage = "candidates" if isinstance(exc, TooFewCandidates) else "judge"
-            raise StageFailed(stage, exc, counts=not isinstance(exc, NOT_COUNTED), keep={"responses": responses}) from exc
+            raise StageFailed(
+                stage, exc, counts=not isinstance(exc, NOT_COUNTED), keep={"responses": responses}
+            ) from exc
         return PairRecord(
             prompt_id=pid,
             prompt=prompt,
