@@ -137,16 +137,17 @@ class OpenAIBackend:
     def payload(self, request: Request) -> dict[str, Any]:
         o = self.o
         payload: dict[str, Any] = {"model": o.model}
-        if request.prompt is not None:
+        if o.chat:  # a raw prompt is one user turn to a chat endpoint: there is no "as is" for chat
+            turns = request.messages or [{"role": "user", "content": request.prompt or ""}]
+            system = [{"role": "system", "content": o.system}] if o.system else []
+            payload["messages"] = [*system, *turns]
+        elif request.prompt is not None:
             payload["prompt"] = request.prompt
-        elif not o.chat:
+        else:
             user = request.user_turn
             if user is None or o.template is None:
                 raise BadModelOutput(f"{self.url}: a completions endpoint takes one user turn or a raw prompt")
             payload["prompt"] = o.template.format_prompt(user)
-        else:
-            system = [{"role": "system", "content": o.system}] if o.system else []
-            payload["messages"] = [*system, *request.messages]
         temperature = request.temperature if request.temperature is not None else o.temperature
         if temperature is not None:
             payload["temperature"] = 0.0 if o.greedy else o.temperature_offset + temperature
