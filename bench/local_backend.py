@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from caiforge import build_config
-from caiforge.backends.local import LocalPolicy, default_model_path, default_threads
+from caiforge.backends.local import LocalModelBackend, default_model_path, default_threads, policy_options
 from caiforge.bundled import PROMPTS, path
-from caiforge.engine import Engine, EngineSettings
+from caiforge.engine import EndpointSettings, Engine
 from caiforge.inputs import read_prompts
+from caiforge.request import Request
 from caiforge.store import Store
 
 TEMPS = (0.01, 0.51, 1.01, 1.51)
@@ -49,26 +50,22 @@ def plain(prompts: list[str], max_tokens: int, seeds: dict[tuple[str, float], in
     return tokens, time.perf_counter() - started
 
 
-def backend(prompts: list[str], max_tokens: int, threads: int) -> tuple[int, float, LocalPolicy]:
+def ask(prompt: str, t: float) -> Request:
+    return Request(messages=[{"role": "user", "content": prompt}], temperature=t)
+
+
+def backend(prompts: list[str], max_tokens: int, threads: int) -> tuple[int, float, LocalModelBackend]:
     cfg = build_config(
         {"policy": {"backend": "local", "sampling": {"tokens_to_generate": max_tokens}}, "local": {"threads": threads}}
     )
-    policy = LocalPolicy(cfg)
-    settings = EngineSettings(
-        temperatures=TEMPS,
-        judge=None,
-        seed=cfg.seed,
-        max_retries=0,
-        parse_retries=0,
-        policy_concurrency=1,
-        judge_concurrency=1,
-    )
+    policy = LocalModelBackend(policy_options(cfg))
+    settings = EndpointSettings(concurrency=1, max_retries=0)
 
-    async def go() -> float:
+    async def go() -> tuple[float, int]:
         with tempfile.TemporaryDirectory() as tmp:
-            engine = Engine(policy, None, Store(Path(tmp) / "bench.db"), settings)
+            engine = Engine({"policy": (policy, settings)}, Store(Path(tmp) / "bench.db"), seed=cfg.seed)
             started = time.perf_counter()
-            await asyncio.gather(*(engine.generate(p, t) for p in prompts for t in TEMPS))
+            await asyncio.gather(*(engine.ask("policy", ask(p, t)) for p in prompts for t in TEMPS))
             elapsed = time.perf_counter() - started
             return elapsed, engine.stats.tokens["policy_completion"]
 
@@ -88,7 +85,7 @@ def main() -> None:
     rows = []
     for _ in range(args.repeat):
         b_tokens, b_time, policy = backend(prompts, args.max_tokens, args.threads)
-        seeds = {(p, t): policy._seed(p, t) for p in prompts for t in TEMPS}
+        seeds = {(p, t): policy._seed(ask(p, t)) for p in prompts for t in TEMPS}
         p_tokens, p_time = plain(prompts, args.max_tokens, seeds, args.threads)
         rows.append((p_tokens / p_time, b_tokens / b_time, p_tokens, b_tokens))
     plain_tps = max(r[0] for r in rows)

@@ -437,3 +437,32 @@ def test_describe_says_which_models_and_warns_about_keys_over_plain_http():
     assert "mistralai/mixtral-8x7b-instruct-v0.1 at http://judge.example.com/v1" in hosted
     assert "plain http" in hosted and "k" not in hosted.split("judge:")[0]
     assert "plain http" not in describe(build_config({"judge": {"api_key": "k", "url": "http://127.0.0.1:8/v1"}}))
+
+
+@pytest.mark.parametrize(("output_retries", "sends"), [("0", 1), ("2", 3)])
+def test_policy_resends_follow_their_own_flag_not_the_judges(
+    run_cli, fake, tmp_path, constitution, output_retries, sends
+):
+    """A NeMo reply without the response pattern is unusable: asked again --policy-output-retries times, whatever
+    --judge-parse-retries says (before 0.2 the judge's flag set both)."""
+    run = run_basic(
+        run_cli,
+        fake,
+        tmp_path,
+        constitution,
+        "--response_extract_pattern",
+        "NEVER-IN-THE-REPLY",
+        "--policy-output-retries",
+        output_retries,
+        "--judge-parse-retries",
+        "5",
+        "--max-failure-rate",
+        "1",
+        policy="nemo",
+    )
+    assert run.code == 1
+    sentences = sum(len(r.body["sentences"]) for r in fake.work() if r.path == "/generate")
+    assert sentences == len(PROMPTS) * len(TEMPS) * sends
+    failures = run.jsonl("failures.jsonl")
+    assert len(failures) == len(PROMPTS)
+    assert {(f["stage"], f["reason"]) for f in failures} == {("candidates", "bad model output")}

@@ -8,6 +8,19 @@ def candidate_key(temperature: float) -> str:
     return f"response_t={temperature}"
 
 
+def temperature_of(key: str) -> float | None:
+    """The temperature a ``response_t=...`` column names; None for any other key."""
+    try:
+        return float(key.removeprefix("response_t=")) if key.startswith("response_t=") else None
+    except ValueError:
+        return None
+
+
+def candidate_label(key: str) -> str:
+    """``response_t=0.51`` -> ``t=0.51``: the short name plots use."""
+    return key.removeprefix("response_")
+
+
 def candidate_record(prompt: str, responses: dict[float, str]) -> dict[str, str]:
     """One row of ``cai_candidate_dataset.json``."""
     return {"prompt": prompt, **{candidate_key(t): text for t, text in responses.items()}}

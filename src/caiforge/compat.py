@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends
+from .candidates import candidate_record
 from .config import RunConfig, Sampling, build_config
 from .engine import Engine
 from .errors import BadModelOutput
@@ -69,10 +70,7 @@ def generate_cai_rlaif_candidate_dataset(
             await engine.aclose()
             for backend, _ in engine.endpoints().values():
                 await backend.aclose()
-        return [
-            {"prompt": p, **{f"response_t={t}": r for t, r in zip(temps, row, strict=True)}}
-            for p, row in zip(prompts, rows, strict=True)
-        ]
+        return [candidate_record(p, dict(zip(temps, row, strict=True))) for p, row in zip(prompts, rows, strict=True)]
 
     return asyncio.run(main())
 

@@ -257,7 +257,7 @@ def parse_blend_with(text: str) -> BlendSpec:
             entry[kind] = tuple(Path(f) for f in files)
         splits[split] = entry
     try:
-        return BlendSpec(name=name, splits=splits)  # type: ignore[arg-type]
+        return BlendSpec.model_validate({"name": name, "splits": splits})
     except ValidationError as exc:
         raise InputError(f"--blend-with: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
 

@@ -34,7 +34,7 @@ def preference_record(pair: PairRecord) -> dict[str, Any]:
         raw["principle"] = pair.principle
     if pair.merged:
         raw["merged"] = {candidate_key(t): [candidate_key(m) for m in ms] for t, ms in pair.merged.items()}
-    record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "raw": raw}
+    record: dict[str, Any] = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "raw": raw}
     if pair.chosen_prob is not None:
         record["chosen_prob"] = pair.chosen_prob
     return record

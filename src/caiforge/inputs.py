@@ -184,9 +184,9 @@ def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptR
 
     kind = _format_of(path)
     if kind == ".txt":
-        for number, line in enumerate(lines_of(text), start=1):
-            if line.strip():
-                prompts.append(PromptRecord(line.strip(), source, number))
+        for number, raw in enumerate(lines_of(text), start=1):
+            if raw.strip():
+                prompts.append(PromptRecord(raw.strip(), source, number))
     elif kind == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         fields = [f.strip().lower() for f in reader.fieldnames or []]

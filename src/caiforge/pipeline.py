@@ -256,13 +256,12 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             await run_each(items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
-            engine.stats.failures = rate.failures
             write_files(cfg.output_dir, WRITERS["failures"](dataset(cfg, list(records(store, descriptor))), {}))
             raise
         finally:
             engine.stats.failures = rate.failures
-            session.progress.close()
-            await engine.aclose()
+            session.progress.close()  # before the summary is printed
+            await engine.aclose()  # settles the concurrency figures the manifest reports
         endpoint_report, adapted = session.adaptations()
         notes = session.notes + adapted
         endpoint_report["notes"] = notes

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .candidates import candidate_key, candidate_label, temperature_of
 from .errors import InputError
 from .manifest import Manifest
 from .outputs import FAILURES_FILE, PREFERENCES_FILE, write_atomic
@@ -100,7 +101,7 @@ def _pct(n: float, total: float) -> str:
 
 
 def _label(key: str) -> str:
-    return key.removeprefix("response_")
+    return candidate_label(key)
 
 
 def _section(title: str, *body: str) -> list[str]:
@@ -171,7 +172,7 @@ def _summary(manifest: Manifest, failures: Counter[str]) -> list[str]:
 
 def _temperature_keys(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
     """Config order first (it is the run's), then any other key seen in the data, by temperature."""
-    keys = [f"response_t={t}" for t in manifest.config.get("temperatures") or []]
+    keys = [candidate_key(t) for t in manifest.config.get("temperatures") or []]
     seen: set[str] = set()
     for pair in pairs:
         raw = _raw(pair)
@@ -179,10 +180,8 @@ def _temperature_keys(pairs: list[dict[str, Any]], manifest: Manifest) -> list[s
         seen.update(k for k in (raw.get("chosen_response_key"), raw.get("rejected_response_key")) if k)
 
     def order(key: str) -> tuple[float, str]:
-        try:
-            return float(key.split("=", 1)[1]), key
-        except (IndexError, ValueError):
-            return float("inf"), key
+        t = temperature_of(key)
+        return (float("inf") if t is None else t), key
 
     return keys + sorted(seen - set(keys), key=order)
 
@@ -213,11 +212,11 @@ def _positions(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     name, title = "positions.png", "Position in the judge prompt"
     if not pairs:
         return _section(title, _skip(plots, name, NO_PAIRS))
-    rows = []
+    rows: list[tuple[int, int, int]] = []
     for pair in pairs:
         raw = _raw(pair)
         c, r = raw.get("chosen_position"), raw.get("rejected_position")
-        if _is_int(c) and _is_int(r):
+        if isinstance(c, int) and isinstance(r, int) and _is_int(c) and _is_int(r):
             rows.append((c, r, len(raw.get("judge_order") or raw.get("all_responses") or ()) or max(c, r)))
     if not rows:
         reason = "Skipped because the pairs do not record where the judge saw each response (`chosen_position`)."

@@ -115,7 +115,9 @@ class HttpClient:
                 timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
             )
         async with self._session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
-            return resp.status, resp.headers, await resp.read()
+            body = await resp.read()
+            retry_after = resp.headers.get("Retry-After")
+            return resp.status, {"Retry-After": retry_after} if retry_after is not None else {}, body
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
