@@ -17,7 +17,7 @@ from .config import Sampling, build_config, load_yaml, parse_blend_with, parse_s
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
 
-COMMANDS = ("run", "init", "eval-judge", "report")
+COMMANDS = ("run", "init", "eval-judge", "report", "export")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -62,6 +62,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--shuffle", type=_bool, default=s)
     io.add_argument("--seed", type=int, default=s)
     io.add_argument("--blend-with", default=s, help="the seed's blend dict: name, then per split files")
+    io.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        default=s,
+        help="trainer formats besides the seed's files, repeatable or a comma list: nemo-rm, nemo-dpo, nemo-rl, "
+        "trl (standard and conversational, JSONL and Parquet), trl-kto (default: nemo-rm,trl)",
+    )
     io.add_argument(
         "--on-bad-record",
         choices=("error", "skip"),
@@ -220,6 +228,16 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--pairs", type=Path, required=True, help="harmless-base JSONL (gzip or not)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
     _add_run_flags(ev)
+    exp = sub.add_parser("export", help="write trainer formats from a run's store (no model, no server)")
+    exp.add_argument("directory", type=Path, help="the run's output folder (holds caiforge.db)")
+    exp.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        required=True,
+        help="nemo-rm, nemo-dpo, nemo-rl, trl, trl-kto; repeatable or a comma list",
+    )
+    exp.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
     rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")
     rep.add_argument("directory", type=Path)
     init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
@@ -276,6 +294,7 @@ FLAT = {  # flag dest -> config path
     "judge_structured": "judge.structured",
     "local_model": "local.model_path",
     "local_threads": "local.threads",
+    "formats": "formats",
 }
 SAMPLING = tuple(f for f in Sampling.model_fields if f != "end_strings")  # end_strings is unescaped
 SPECIAL = (
@@ -335,6 +354,30 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
         if "config" in given and not str(exc).startswith("--"):  # the problem may be in the file: say which
             raise InputError(f"{given['config']}: {exc}") from exc
         raise
+
+
+def _export(directory: Path, formats: list[str], output_dir: Path | None) -> int:
+    from .config import parse_formats
+    from .export import export
+
+    try:
+        done = export(directory, parse_formats(formats), output_dir)
+    except ValueError as exc:  # an unknown format name
+        print(f"caiforge: error: --format: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    for name in done.files:
+        print(f"wrote {done.output_dir / name}")
+    print(f"caiforge: exported {done.pairs} pairs from {done.prompts} prompts")
+    if done.pending:
+        print(
+            f"caiforge: the run is not finished: {done.pending} of {done.prompts} prompts have no outcome yet; "
+            "rerun it to finish, then export again",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _report(directory: Path) -> int:
@@ -398,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _init(args.directory, args.force)
     if args.command == "report":
         return _report(args.directory)
+    if args.command == "export":
+        return _export(args.directory, args.formats, args.output_dir)
     if args.command == "eval-judge":
         return _eval_judge(args)
     from .pipeline import run  # imported late: `caiforge --help` stays fast

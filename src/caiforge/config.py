@@ -138,6 +138,15 @@ class RunConfig(_Frozen):
     adaptive_concurrency: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     quiet: bool = False
+    formats: tuple[str, ...] = ("nemo-rm", "trl")  # the seed's files are always written besides
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats(cls, value: Any) -> tuple[str, ...]:
+        values = [value] if isinstance(value, str) else list(value)
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError(f"formats must be names, got {value!r}")
+        return parse_formats(values)
 
     @field_validator("temperatures")
     @classmethod
@@ -208,6 +217,24 @@ class RunConfig(_Frozen):
         data["policy"]["api_key_set"] = self.policy.api_key is not None
         data["judge"]["api_key_set"] = self.judge.api_key is not None
         return data
+
+
+# The trainer formats (caiforge.formats writes them; it checks that its registry holds exactly these).
+FORMAT_NAMES = ("nemo-rm", "nemo-dpo", "nemo-rl", "trl", "trl-kto")
+
+
+def parse_formats(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``--format a,b --format c`` -> ("a", "b", "c"), validated, in the order given, without repeats."""
+    names: list[str] = []
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if not name:
+                continue
+            if name not in FORMAT_NAMES:
+                raise ValueError(f"unknown format {name!r}; choose from {', '.join(FORMAT_NAMES)}")
+            if name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def literal(text: str, flag: str) -> Any:

@@ -68,6 +68,8 @@ class Manifest(_Lenient):
     attempt: int | None = None
     database: str = "caiforge.db"
     warnings: list[str] = []
+    formats: list[str] = []  # trainer formats written besides the seed's files
+    files: list[str] = []  # every dataset file written, relative to the run folder
 
     def judge_config(self) -> dict[str, Any]:
         judge = self.config.get("judge")

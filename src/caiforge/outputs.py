@@ -14,11 +14,11 @@ MANIFEST_FILE = "manifest.json"
 __all__ = ["CANDIDATES_FILE", "FAILURES_FILE", "MANIFEST_FILE", "PREFERENCES_FILE", "write_atomic", "write_json"]
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8") if isinstance(text, str) else text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -31,6 +31,9 @@ def write_json(path: Path, data: Any, indent: int | None = 4) -> None:
     write_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
-def write_files(directory: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        write_atomic(directory / name, text)
+def write_files(directory: Path, files: dict[str, str | bytes]) -> None:
+    """``files`` by path relative to ``directory`` (format folders are made as needed)."""
+    for name, data in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)

@@ -23,7 +23,8 @@ from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
 from .engine import Stats
 from .errors import InputError, RunAborted
-from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts, read_text
+from .export import dataset_of, format_files
+from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import FAILURES_FILE, write_atomic, write_files
@@ -35,7 +36,7 @@ from .runner import FailureRate, Outcome, run_each
 from .session import Session, run_sync
 from .store import DB_NAME, Store
 from .verdicts import Inconsistent, JudgeSpec
-from .writers import WRITERS, Blend, Dataset
+from .writers import WRITERS
 
 
 @dataclass
@@ -194,27 +195,6 @@ def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str],
     store.put_result(pid, run_key, "failure", record.to_json())
 
 
-def dataset(cfg: RunConfig, found: list[PairRecord | FailureRecord]) -> Dataset:
-    blend = None
-    if cfg.blend_with is not None:
-        texts = {
-            split: {
-                kind: [read_text(path, f"blend {kind}") for path in spec[kind]] for kind in ("prompts", "comparisons")
-            }
-            for split, spec in cfg.blend_with.splits.items()
-        }
-        blend = Blend(name=cfg.blend_with.name, texts=texts)
-    return Dataset.build(
-        found,
-        cfg.template,
-        ratios=cfg.splits,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        prefix=cfg.output_filename_prefix,
-        blend=blend,
-    )
-
-
 def consistency(pairs: list[PairRecord], failures: list[FailureRecord], passes: int) -> dict[str, Any]:
     """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
     if passes < 2:
@@ -256,7 +236,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             await run_each(items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
-            write_files(cfg.output_dir, WRITERS["failures"](dataset(cfg, list(records(store, descriptor))), {}))
+            write_files(cfg.output_dir, WRITERS["failures"](dataset_of(cfg, list(records(store, descriptor))), {}))
             raise
         finally:
             engine.stats.failures = rate.failures
@@ -282,12 +262,13 @@ def write_run(
     started: float,
 ) -> RunResult:
     """Every file of a finished run, from its store."""
-    data = dataset(cfg, list(records(store, descriptor)))
+    data = dataset_of(cfg, list(records(store, descriptor)))
     splits = data.assign_splits()
     store.set_splits((pid, name, rank) for name, ids in splits.items() for rank, pid in enumerate(ids))
-    files: dict[str, str] = {}
+    files: dict[str, str | bytes] = {}
     for writer in ("seed", "failures"):
         files.update(WRITERS[writer](data, splits))
+    files.update(format_files(data, splits, cfg.formats))
     failures = data.failures()
     pairs = data.pairs
     write_files(cfg.output_dir, files)
@@ -327,6 +308,8 @@ def write_run(
         attempt=store.attempt,
         database=DB_NAME,
         warnings=warnings,
+        formats=list(cfg.formats),
+        files=sorted(files),
     )
     manifest.write(cfg.output_dir)
     write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))

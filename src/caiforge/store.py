@@ -220,7 +220,8 @@ class Store:
             )
 
     def set_descriptor(self, key: str, data: dict[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO descriptor VALUES (1, ?, ?)", (key, json.dumps(data, sort_keys=True)))
+        # Key order is kept: the config's split ratios are ordered, and the order decides the assignment.
+        self.db.execute("INSERT OR REPLACE INTO descriptor VALUES (1, ?, ?)", (key, json.dumps(data)))
 
     def descriptor(self) -> tuple[str, dict[str, Any]] | None:
         row = self.db.execute("SELECT key, data FROM descriptor WHERE id = 1").fetchone()

@@ -41,6 +41,7 @@ class Dataset:
     shuffle: bool
     seed: int
     prefix: str = ""
+    judge_mode: str = "whole"
     blend: Blend | None = None
     usable: dict[str, Formatted] = field(default_factory=dict)  # prompt id -> formatted pair
     unusable: list[FailureRecord] = field(default_factory=list)  # pairs the dataset stage cannot use
@@ -86,10 +87,10 @@ def split_file_names(prefix: str, split_name: str) -> tuple[str, str]:
     return f"{stem}_prompts_with_chat_prompt.jsonl", f"{stem}_comparisons_with_chat_prompt.jsonl"
 
 
-def seed_files(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str]:
+def seed_files(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
     """NeMo-Aligner's files: candidates, preferences, per split the reward model's prompts and comparisons
     (and blends). The JSON arrays are written with the seed's ``indent=4``."""
-    files: dict[str, str] = {}
+    files: dict[str, str | bytes] = {}
     candidates = []
     for r in data.records:
         responses = r.responses if r.prompt is not None else None
@@ -109,9 +110,9 @@ def seed_files(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str]:
     return files
 
 
-def failures_file(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str]:
+def failures_file(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
     return {FAILURES_FILE: jsonl([f.record() for f in data.failures()])}
 
 
-Writer = Callable[[Dataset, dict[str, list[str]]], dict[str, str]]
+Writer = Callable[[Dataset, dict[str, list[str]]], dict[str, str | bytes]]
 WRITERS: dict[str, Writer] = {"seed": seed_files, "failures": failures_file}
