@@ -199,3 +199,19 @@ def test_the_config_knows_exactly_the_registered_formats():
     from caiforge.formats import FORMATS
 
     assert tuple(FORMATS) == FORMAT_NAMES
+
+
+def test_the_run_folder_is_a_dataset_its_card_describes(runs, tmp_path, monkeypatch):
+    """The card's YAML configs make ``load_dataset(RUN_DIR, name)`` work on the folder as it is (and the Hub
+    viewer, once uploaded)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    card = (runs["whole"] / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nconfigs:\n")
+    for name, columns in (("trl", {"prompt", "chosen", "rejected"}), ("nemo-rl", {"context", "completions"})):
+        loaded = datasets.load_dataset(str(runs["whole"]), name, cache_dir=str(tmp_path / "cache"))
+        assert list(loaded) == ["train", "test"]
+        assert {s: len(loaded[s]) for s in loaded} == {"train": 10, "test": 2}
+        assert columns <= set(loaded["train"].column_names)
+    assert "model.data.data_prefix={train:[cai_rlaif_train_comparisons_with_chat_prompt.jsonl]" in card

@@ -2,7 +2,9 @@
 
 The files under ``tests/golden/`` were recorded with caiforge 0.1 (before the core was rebuilt around one
 request engine) and are compared byte for byte. ``tests/golden/v0.1/`` holds a ``caiforge.db`` written by 0.1:
-a run over it must migrate the store, send no finished request again and write the same files.
+a run over it must migrate the store, send no finished request again and write the same files. The cards
+(``README.md``) were re-recorded once, on purpose, when they gained the Hub configs and trainer commands (#10);
+every dataset file is still 0.1's bytes.
 Regenerate the files (only when an output change is intended, and say so in the CHANGELOG) with
 ``CAIFORGE_UPDATE_GOLDEN=1 pytest tests/test_golden.py``.
 """

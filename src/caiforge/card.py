@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import PurePosixPath
+
 from .manifest import Manifest
 
 TOY_JUDGE_WARNING = (
@@ -47,8 +50,84 @@ def dataset_card(manifest: Manifest) -> str:
         "how often the chosen answer stood first and was the longer one.",
         "- Candidates come from one policy at a few temperatures, so chosen and rejected are often similar.",
         "- Prompts are red-team attempts: the data contains harmful requests and possibly harmful responses.",
-        "- The comparison files hold hard labels; soft labels (`chosen_prob`, principle modes) are only in "
-        "`cai_preference_dataset.json`.",
+        "- The NeMo comparison files hold hard labels; soft labels (`chosen_prob`, principle modes) are in "
+        "`cai_preference_dataset.json` and in the `chosen_prob` column of the TRL files.",
         "",
+        *_trainers(manifest),
     ]
-    return "\n".join(lines)
+    return _front_matter(manifest) + "\n".join(lines)
+
+
+def _configs(manifest: Manifest) -> dict[str, dict[str, str]]:
+    """Per format folder, its JSONL file per split. (``datasets`` picks one reader for all of a folder's
+    configs, and every format has JSONL; the Parquet files sit beside them for direct loading.)"""
+    found: dict[str, dict[str, str]] = {}
+    for name in manifest.files:
+        path = PurePosixPath(name)
+        if len(path.parts) == 2 and path.suffix == ".jsonl":
+            found.setdefault(path.parts[0], {})[path.stem] = name
+    order = list(manifest.counts.splits)  # the run's split order, not the alphabet's
+    rank = {name: i for i, name in enumerate(order)}
+    return {k: dict(sorted(v.items(), key=lambda kv: (rank.get(kv[0], len(order)), kv[0]))) for k, v in found.items()}
+
+
+def _front_matter(manifest: Manifest) -> str:
+    """The Hub's dataset-card YAML: one config per format, so ``load_dataset(folder, "trl")`` and the Hub
+    viewer read the folder as it is. Values are JSON strings, which YAML reads as they are."""
+    configs = _configs(manifest)
+    if not configs:
+        return ""
+    lines = ["---", "configs:"]
+    default = "trl" if "trl" in configs else next(iter(configs))
+    for config, files in configs.items():
+        lines.append(f"- config_name: {json.dumps(config)}")
+        if config == default:
+            lines.append("  default: true")
+        lines.append("  data_files:")
+        for split, path in files.items():
+            lines += [f"  - split: {json.dumps(split)}", f"    path: {json.dumps(path)}"]
+    return "\n".join([*lines, "---", "", ""])
+
+
+def _trainers(manifest: Manifest) -> list[str]:
+    """How each trainer reads the files written here."""
+    configs, splits = _configs(manifest), list(manifest.counts.splits)
+    prefix = manifest.config.get("output_filename_prefix") or ""
+    lines = ["## Training on it", ""]
+    if "trl" in configs:
+        lines += [
+            "TRL (`trl` is standard text, `trl-conversational` is chat messages; both carry `prompt_id`, the "
+            "temperatures, the judge's explanation and mode):",
+            "",
+            "```python",
+            "from datasets import load_dataset",
+            'data = load_dataset("path/to/this/folder", "trl")  # or "trl-conversational"',
+            'trainer = DPOTrainer(model=model, ref_model=ref_model, train_dataset=data["train"], ...)',
+            'trainer = RewardTrainer(model=reward_model, train_dataset=data["train"], ...)',
+            "```",
+            "",
+            "OpenRLHF reads the conversational files: `--dataset trl-conversational --data.prompt_key prompt "
+            "--data.chosen_key chosen --data.rejected_key rejected --data.apply_chat_template`.",
+            "",
+        ]
+    if "nemo-rl" in configs:
+        lines += [
+            "NeMo-RL (`PreferenceDataset`): `data.dataset_name=PreferenceDataset "
+            f"data.train.data_path=nemo-rl/{splits[0] if splits else 'train'}.jsonl`.",
+            "",
+        ]
+    if "nemo-dpo" in configs:
+        lines += ["NeMo-Aligner DPO: `model.data.data_prefix` pointing at `nemo-dpo/<split>.jsonl`.", ""]
+    if splits:
+        stem = f"{prefix}_" if prefix else ""
+        comparisons = {s: f"{stem}{s}_comparisons_with_chat_prompt.jsonl" for s in splits}
+        validation = comparisons.get("validation") or comparisons.get("test") or comparisons[splits[-1]]
+        test = comparisons.get("test") or validation
+        lines += [
+            "NeMo-Aligner reward model (it expects `train`, `validation` and `test` keys; without a validation "
+            "split the test file serves as both): "
+            f"`model.data.data_prefix={{train:[{comparisons.get('train', comparisons[splits[0]])}],"
+            f"validation:[{validation}],test:[{test}]}}`.",
+            "",
+        ]
+    return lines
