@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install (with the embedded model) and make a dataset on the bundled defaults
 #   make test   install (with test tools) and run every test, the real embedded model included
+#   make test-trainers   add torch (CPU) and train TRL's DPO and reward trainers two steps on an export
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,12 +9,13 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 # llama-cpp-python compiles from source (about 6 minutes on 2 cores); pip caches the wheel afterwards.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-trainers lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[local,dev]'
+	$(BIN)/pip install --quiet --no-deps 'trl>=0.20'  # its data utilities need no torch; a plain install pulls GBs
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
@@ -23,6 +25,12 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A real consumer end to end: TRL's DPOTrainer and RewardTrainer train two steps on CPU on an export.
+# torch 2.13.0 resolves to a CPU wheel here (about 30 s); it is a test dependency only, never a runtime one.
+test-trainers: $(STAMP)
+	$(BIN)/pip install --quiet torch==2.13.0 'accelerate>=1.0'
+	$(BIN)/python -m pytest -q tests/trainers $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/http_clients.py

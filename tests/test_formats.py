@@ -215,3 +215,51 @@ def test_the_run_folder_is_a_dataset_its_card_describes(runs, tmp_path, monkeypa
         assert {s: len(loaded[s]) for s in loaded} == {"train": 10, "test": 2}
         assert columns <= set(loaded["train"].column_names)
     assert "model.data.data_prefix={train:[cai_rlaif_train_comparisons_with_chat_prompt.jsonl]" in card
+
+
+def tiny_tokenizer():
+    """A tokenizer built in code (no hub): word-level over a small vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world"], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", chat_template=template
+    )
+
+
+def test_trl_reads_both_flavours_with_its_own_data_utils(runs):
+    """trl/data_utils.py: is_conversational, maybe_extract_prompt, maybe_apply_chat_template and
+    unpair_preference_dataset, as TRL's trainers call them on a dataset."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.data_utils import (
+        is_conversational,
+        maybe_apply_chat_template,
+        maybe_extract_prompt,
+        unpair_preference_dataset,
+    )
+
+    standard = rows(runs["principle"] / "trl" / "train.jsonl")
+    conversational = rows(runs["principle"] / "trl-conversational" / "train.jsonl")
+    tokenizer = tiny_tokenizer()
+    for text, chat in zip(standard, conversational, strict=True):
+        assert not is_conversational(text) and is_conversational(chat)
+        assert maybe_extract_prompt(text) == text  # the prompt is explicit: nothing to extract
+        assert maybe_extract_prompt(chat)["prompt"] == chat["prompt"]
+        assert maybe_apply_chat_template(text, tokenizer) == text  # standard text is left as it is
+        applied = maybe_apply_chat_template(chat, tokenizer)
+        assert applied["prompt"] == f"<|user|>{text['prompt']}<eos><|assistant|>"
+        assert applied["chosen"] == f"{text['chosen']}<eos>" and applied["rejected"] == f"{text['rejected']}<eos>"
+    unpaired = unpair_preference_dataset(Dataset.from_list(standard))
+    kto = rows(runs["principle"] / "trl-kto" / "train.jsonl")
+    assert len(unpaired) == len(kto) == 2 * len(standard)
+    theirs = sorted((r["prompt"], r["completion"], r["label"]) for r in unpaired)
+    ours = sorted((r["prompt"], r["completion"], r["label"]) for r in kto)
+    assert theirs == ours
