@@ -263,3 +263,53 @@ def test_trl_reads_both_flavours_with_its_own_data_utils(runs):
     theirs = sorted((r["prompt"], r["completion"], r["label"]) for r in unpaired)
     ours = sorted((r["prompt"], r["completion"], r["label"]) for r in kto)
     assert theirs == ours
+
+
+def test_blend_writes_the_seeds_blend_files_from_a_finished_run_with_no_model(tmp_path):
+    """The golden case ran with --blend-with under 0.1; a run without it, then ``caiforge blend``, gives the
+    same bytes, with the server gone before the blend."""
+    from caiforge.cli import main
+    from test_golden import CASES, GOLDEN, case_args, write_inputs
+
+    inputs = write_inputs(tmp_path / "in")
+    name = "completions-whole-2pass-blend"
+    flags = CASES[name]
+    at = flags.index("--blend-with")
+    CASES["no-blend"] = flags[:at] + flags[at + 2 :]
+    try:
+        with FakeServer(FakeConfig()) as server:
+            assert main(case_args("no-blend", server, inputs, tmp_path / "run")) == 0
+    finally:
+        del CASES["no-blend"]
+    assert not list((tmp_path / "run").glob("blend_*"))
+    assert main(["blend", str(tmp_path / "run"), "--blend-with", str(inputs["blend"])]) == 0
+    written = sorted(p.name for p in (tmp_path / "run").glob("blend_*"))
+    expected = sorted(p.name for p in (GOLDEN / name).glob("blend_*"))
+    assert written == expected and len(written) == 6
+    for file in written:
+        ours = (tmp_path / "run" / file).read_text(encoding="utf-8")
+        assert ours == (GOLDEN / name / file).read_text(encoding="utf-8"), file
+        lines = ours.splitlines()
+        if "comparisons" in file:  # every chosen/rejected pair stays together: an even count, ours in order
+            assert len(lines) % 2 == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "c"}\n', "comparisons file has 1 lines; it must alternate chosen/rejected"),
+        ("", "comparisons file is empty"),
+        ('{"text": "c"}\n{"txt": "r"}\n', ":2: blend comparisons line must be an object with a string 'text' field"),
+    ],
+)
+def test_blend_refuses_bad_outside_files_in_one_line(runs, tmp_path, capsys, content, message):
+    from caiforge.cli import main
+
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"text": "p"}\n', encoding="utf-8")
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(content, encoding="utf-8")
+    spec = {"name": "x", **{s: {"prompts": [str(good)], "comparisons": [str(bad)]} for s in ("train", "test")}}
+    assert main(["blend", str(runs["whole"]), "--blend-with", repr(spec), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(bad) in err and err.count("\n") == 1

@@ -17,7 +17,7 @@ from .config import Sampling, build_config, load_yaml, parse_blend_with, parse_s
 from .errors import CaiforgeError, InputError, RunAborted
 from .template import unescape
 
-COMMANDS = ("run", "init", "eval-judge", "report", "export")
+COMMANDS = ("run", "init", "eval-judge", "report", "export", "blend")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -238,6 +238,10 @@ def parser() -> argparse.ArgumentParser:
         help="nemo-rm, nemo-dpo, nemo-rl, trl, trl-kto; repeatable or a comma list",
     )
     exp.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
+    bl = sub.add_parser("blend", help="the seed's blend files from a run's store, with outside NeMo files")
+    bl.add_argument("directory", type=Path, help="the run's output folder (holds caiforge.db)")
+    bl.add_argument("--blend-with", required=True, help="the seed's blend dict: name, then per split files")
+    bl.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
     rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")
     rep.add_argument("directory", type=Path)
     init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
@@ -356,12 +360,16 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
         raise
 
 
-def _export(directory: Path, formats: list[str], output_dir: Path | None) -> int:
+def _export(directory: Path, formats: list[str] | None, output_dir: Path | None, blend: str | None = None) -> int:
+    """``export`` (formats) and ``blend`` (the seed's blend files): both read the run's store alone."""
     from .config import parse_formats
-    from .export import export
+    from .export import blend_run, export
 
     try:
-        done = export(directory, parse_formats(formats), output_dir)
+        if blend is not None:
+            done = blend_run(directory, parse_blend_with(blend), output_dir)
+        else:
+            done = export(directory, parse_formats(formats or []), output_dir)
     except ValueError as exc:  # an unknown format name
         print(f"caiforge: error: --format: {exc}", file=sys.stderr)
         return 2
@@ -443,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(args.directory)
     if args.command == "export":
         return _export(args.directory, args.formats, args.output_dir)
+    if args.command == "blend":
+        return _export(args.directory, None, args.output_dir, blend=args.blend_with)
     if args.command == "eval-judge":
         return _eval_judge(args)
     from .pipeline import run  # imported late: `caiforge --help` stays fast

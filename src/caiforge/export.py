@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, build_config
+from .config import BlendSpec, RunConfig, build_config
 from .errors import InputError
 from .formats import FORMATS
-from .inputs import read_text
+from .inputs import check_jsonl, read_text
 from .outputs import write_files
 from .records import Record, RunDescriptor, pending, records
 from .store import DB_NAME, Store
-from .writers import Blend, Dataset
+from .writers import WRITERS, Blend, Dataset
 
 
 def dataset_of(cfg: RunConfig, found: list[Record], blend: bool = True) -> Dataset:
@@ -67,7 +67,16 @@ class Exported:
     prompts: int
 
 
-def export(run_dir: Path, formats: tuple[str, ...], output_dir: Path | None = None) -> Exported:
+@dataclass(frozen=True, kw_only=True)
+class Stored:
+    cfg: RunConfig
+    records: list[Record]
+    pending: int
+    prompts: int
+
+
+def read_run(run_dir: Path) -> Stored:
+    """A run's config and records from its store alone."""
     if not (run_dir / DB_NAME).is_file():
         raise InputError(f"{run_dir}: not a caiforge run (no {DB_NAME})")
     store = Store.open(run_dir)  # the folder lock: a run still writing it would change the files under us
@@ -78,15 +87,45 @@ def export(run_dir: Path, formats: tuple[str, ...], output_dir: Path | None = No
                 f"{run_dir}: the store describes no run (made before caiforge 0.2?); rerun the same `caiforge run` "
                 "command once to resume it, then export"
             )
-        cfg = stored_config(descriptor)
-        found = list(records(store, descriptor))
-        waiting = pending(store, descriptor)
-        total = sum(1 for _ in store.results(descriptor.key()))
+        return Stored(
+            cfg=stored_config(descriptor),
+            records=list(records(store, descriptor)),
+            pending=pending(store, descriptor),
+            prompts=sum(1 for _ in store.results(descriptor.key())),
+        )
     finally:
         store.close()
-    data = dataset_of(cfg, found, blend=False)
+
+
+def export(run_dir: Path, formats: tuple[str, ...], output_dir: Path | None = None) -> Exported:
+    run = read_run(run_dir)
+    data = dataset_of(run.cfg, run.records, blend=False)
     files = format_files(data, data.assign_splits(), formats)
     out = output_dir or run_dir
     out.mkdir(parents=True, exist_ok=True)
     write_files(out, files)
-    return Exported(output_dir=out, files=sorted(files), pairs=len(data.usable), pending=waiting, prompts=total)
+    return Exported(
+        output_dir=out, files=sorted(files), pairs=len(data.usable), pending=run.pending, prompts=run.prompts
+    )
+
+
+def blend_run(run_dir: Path, spec: BlendSpec, output_dir: Path | None = None) -> Exported:
+    """The seed's ``--blend-with`` files from a run's store: the same bytes ``run --blend-with`` writes."""
+    run = read_run(run_dir)
+    if set(spec.splits) != set(run.cfg.splits):
+        raise InputError(
+            f"--blend-with must name exactly the run's splits {sorted(run.cfg.splits)}, it names {sorted(spec.splits)}"
+        )
+    for split in spec.splits.values():
+        for path in split["prompts"]:
+            check_jsonl(path, "blend prompts")
+        for path in split["comparisons"]:
+            check_jsonl(path, "blend comparisons", even_lines=True)
+    data = dataset_of(run.cfg.model_copy(update={"blend_with": spec}), run.records)
+    files = {k: v for k, v in WRITERS["seed"](data, data.assign_splits()).items() if k.startswith("blend_")}
+    out = output_dir or run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(out, files)
+    return Exported(
+        output_dir=out, files=sorted(files), pairs=len(data.usable), pending=run.pending, prompts=run.prompts
+    )
