@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import BlendSpec, RunConfig, build_config
 from .errors import InputError
-from .formats import FORMATS
+from .formats import FORMATS, run_table
 from .inputs import check_jsonl, read_text
 from .outputs import write_files
 from .records import Record, RunDescriptor, pending, records
@@ -44,9 +44,10 @@ def dataset_of(cfg: RunConfig, found: list[Record], blend: bool = True) -> Datas
 
 
 def format_files(data: Dataset, splits: dict[str, list[str]], formats: tuple[str, ...]) -> dict[str, str | bytes]:
+    table = run_table(data, splits)
     files: dict[str, str | bytes] = {}
     for name in formats:
-        files.update(FORMATS[name](data, splits))
+        files.update(FORMATS[name](table))
     return files
 
 

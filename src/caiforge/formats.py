@@ -19,11 +19,13 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .dataset import nemo_split_files
 from .records import PairRecord
-from .writers import Dataset, split_file_names
+from .template import PromptTemplate
+from .writers import Dataset, Formatted, split_file_names
 
 SOFT_LABEL_MODES = ("principle", "principle-cot")
 
@@ -49,137 +51,168 @@ def parquet(rows: Rows, columns: list[str]) -> bytes:
     return sink.getvalue()
 
 
-def _by_id(data: Dataset) -> dict[str, PairRecord]:
-    return {p.prompt_id: p for p in data.pairs}
-
-
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     """As the seed's ``process_samples``: the NeMo files and every other format use the same texts."""
     return text.strip().strip("\n")
 
 
-def _metadata(data: Dataset, pair: PairRecord) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "prompt_id": pair.prompt_id,
-        "chosen_temperature": float(pair.chosen_t),
-        "rejected_temperature": float(pair.rejected_t),
-        "explanation": pair.explanation,
-        "judge_mode": data.judge_mode,
-    }
-    if data.judge_mode in SOFT_LABEL_MODES:
-        meta["chosen_prob"] = float(pair.chosen_prob if pair.chosen_prob is not None else 1.0)
-    return meta
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """One pair as every format needs it; ``meta`` has the same keys in every row of a table."""
+
+    prompt_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    context: list[dict[str, str]]  # the prompt as chat messages (system, if any, then user)
+    nemo: Formatted  # (prompt, chosen line, rejected line) through the chat template
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
-def nemo_dpo(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
+@dataclass(frozen=True, kw_only=True)
+class Table:
+    splits: dict[str, list[Row]]  # in the run's split order, each split in its assigned order
+    prefix: str = ""  # of the NeMo reward-model file names
+
+
+def context(template: PromptTemplate, prompt: str) -> list[dict[str, str]]:
+    system = template.system_default_message
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+
+
+def run_table(data: Dataset, splits: dict[str, list[str]]) -> Table:
+    """A run's pairs with their metadata: temperatures, the judge's explanation and mode, and the soft label
+    in the modes that give one."""
+    pairs: dict[str, PairRecord] = {p.prompt_id: p for p in data.pairs}
+    out: dict[str, list[Row]] = {}
+    for name, ids in splits.items():
+        out[name] = []
+        for pid in ids:
+            pair = pairs[pid]
+            meta: dict[str, Any] = {
+                "chosen_temperature": float(pair.chosen_t),
+                "rejected_temperature": float(pair.rejected_t),
+                "explanation": pair.explanation,
+                "judge_mode": data.judge_mode,
+            }
+            if data.judge_mode in SOFT_LABEL_MODES:
+                meta["chosen_prob"] = float(pair.chosen_prob if pair.chosen_prob is not None else 1.0)
+            prompt = clean(pair.prompt)
+            out[name].append(
+                Row(
+                    prompt_id=pid,
+                    prompt=prompt,
+                    chosen=clean(pair.chosen),
+                    rejected=clean(pair.rejected),
+                    context=context(data.template, prompt),
+                    nemo=data.usable[pid],
+                    meta=meta,
+                )
+            )
+    return Table(splits=out, prefix=data.prefix)
+
+
+Files = dict[str, str | bytes]
+
+
+def nemo_dpo(table: Table) -> Files:
     """``{"prompt", "chosen_response", "rejected_response"}``: the prompt through the chat template up to the
     assistant header, each response with the end-of-turn marker. ``prompt + response`` is the comparison line
     the reward model reads, so the tokenized prompt is a prefix of it (the prompt ends in the header's
     newline, the response starts with a non-space)."""
-    out: dict[str, str | bytes] = {}
-    for name, ids in splits.items():
-        rows = []
-        for pid in ids:
-            prompt, chosen, rejected = data.usable[pid]
-            rows.append(
+    out: Files = {}
+    for name, rows in table.splits.items():
+        lines = []
+        for row in rows:
+            prompt, chosen, rejected = row.nemo
+            lines.append(
                 {
                     "prompt": prompt,
                     "chosen_response": chosen[len(prompt) :],
                     "rejected_response": rejected[len(prompt) :],
                 }
             )
-        out[f"nemo-dpo/{name}.jsonl"] = jsonl(rows)
+        out[f"nemo-dpo/{name}.jsonl"] = jsonl(lines)
     return out
 
 
-def nemo_rl(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
+def nemo_rl(table: Table) -> Files:
     """``{"context": [messages], "completions": [{"rank": 0, ...chosen}, {"rank": 1, ...rejected}]}``; no
     ``task_name`` (NeMo-RL's reader adds it and fails on a file that has one)."""
-    pairs, out = _by_id(data), dict[str, str | bytes]()
-    for name, ids in splits.items():
-        rows = []
-        for pid in ids:
-            pair = pairs[pid]
-            rows.append(
-                {
-                    "context": _context(data, pair),
-                    "completions": [
-                        {"rank": 0, "completion": [{"role": "assistant", "content": _clean(pair.chosen)}]},
-                        {"rank": 1, "completion": [{"role": "assistant", "content": _clean(pair.rejected)}]},
-                    ],
-                }
-            )
-        out[f"nemo-rl/{name}.jsonl"] = jsonl(rows)
+    out: Files = {}
+    for name, rows in table.splits.items():
+        lines = [
+            {
+                "context": row.context,
+                "completions": [
+                    {"rank": 0, "completion": [{"role": "assistant", "content": row.chosen}]},
+                    {"rank": 1, "completion": [{"role": "assistant", "content": row.rejected}]},
+                ],
+            }
+            for row in rows
+        ]
+        out[f"nemo-rl/{name}.jsonl"] = jsonl(lines)
     return out
 
 
-def _context(data: Dataset, pair: PairRecord) -> list[dict[str, str]]:
-    system = data.template.system_default_message
-    turns = [{"role": "system", "content": system}] if system else []
-    return [*turns, {"role": "user", "content": _clean(pair.prompt)}]
+TRL_COLUMNS = ["prompt", "chosen", "rejected", "prompt_id"]
+KTO_META = ("judge_mode", "source")  # the metadata that describes a row, not a pair
 
 
-TRL_COLUMNS = ["prompt", "chosen", "rejected", "prompt_id", "chosen_temperature", "rejected_temperature"]
-
-
-def _trl_rows(data: Dataset, ids: list[str], conversational: bool) -> Rows:
-    pairs, rows = _by_id(data), []
-    for pid in ids:
-        pair = pairs[pid]
-        chosen, rejected = _clean(pair.chosen), _clean(pair.rejected)
+def _trl_rows(rows: list[Row], conversational: bool) -> Rows:
+    out: Rows = []
+    for row in rows:
         if conversational:
-            row: dict[str, Any] = {
-                "prompt": _context(data, pair),
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
+            texts: dict[str, Any] = {
+                "prompt": row.context,
+                "chosen": [{"role": "assistant", "content": row.chosen}],
+                "rejected": [{"role": "assistant", "content": row.rejected}],
             }
         else:
-            row = {"prompt": _clean(pair.prompt), "chosen": chosen, "rejected": rejected}
-        rows.append({**row, **_metadata(data, pair)})
-    return rows
+            texts = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}
+        out.append({**texts, "prompt_id": row.prompt_id, **row.meta})
+    return out
 
 
-def _both(folder: str, name: str, rows: Rows, columns: list[str]) -> dict[str, str | bytes]:
+def _both(folder: str, name: str, rows: Rows, columns: list[str]) -> Files:
     return {f"{folder}/{name}.jsonl": jsonl(rows), f"{folder}/{name}.parquet": parquet(rows, columns)}
 
 
-def trl(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
+def trl(table: Table) -> Files:
     """TRL's explicit-prompt preference format: ``trl/`` (standard: strings) and ``trl-conversational/``
     (lists of ``{"role", "content"}``), JSONL and Parquet per split; OpenRLHF reads the conversational one."""
-    out: dict[str, str | bytes] = {}
-    for name, ids in splits.items():
-        out.update(_both("trl", name, _trl_rows(data, ids, conversational=False), TRL_COLUMNS))
-        out.update(_both("trl-conversational", name, _trl_rows(data, ids, conversational=True), TRL_COLUMNS))
+    out: Files = {}
+    for name, rows in table.splits.items():
+        out.update(_both("trl", name, _trl_rows(rows, conversational=False), TRL_COLUMNS))
+        out.update(_both("trl-conversational", name, _trl_rows(rows, conversational=True), TRL_COLUMNS))
     return out
 
 
-def trl_kto(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
+def trl_kto(table: Table) -> Files:
     """TRL's unpaired preference format: each pair gives a desirable and an undesirable row."""
-    pairs, out = _by_id(data), dict[str, str | bytes]()
-    for name, ids in splits.items():
-        rows: Rows = []
-        for pid in ids:
-            pair = pairs[pid]
-            meta = {"prompt_id": pid, "judge_mode": data.judge_mode}
-            for completion, label in ((pair.chosen, True), (pair.rejected, False)):
-                prompt = _clean(pair.prompt)
-                rows.append({"prompt": prompt, "completion": _clean(completion), "label": label, **meta})
-        out.update(_both("trl-kto", name, rows, ["prompt", "completion", "label", "prompt_id", "judge_mode"]))
+    out: Files = {}
+    for name, rows in table.splits.items():
+        lines: Rows = []
+        for row in rows:
+            meta = {"prompt_id": row.prompt_id, **{k: v for k, v in row.meta.items() if k in KTO_META}}
+            for completion, label in ((row.chosen, True), (row.rejected, False)):
+                lines.append({"prompt": row.prompt, "completion": completion, "label": label, **meta})
+        out.update(_both("trl-kto", name, lines, ["prompt", "completion", "label", "prompt_id"]))
     return out
 
 
-def nemo_rm(data: Dataset, splits: dict[str, list[str]]) -> dict[str, str | bytes]:
+def nemo_rm(table: Table) -> Files:
     """The seed's reward-model files, per split (NeMo-Aligner ``RewardModelDataset``: comparison lines in
     (chosen, rejected) pairs, so every file has an even line count). ``run`` always writes them."""
-    out: dict[str, str | bytes] = {}
-    for name, ids in splits.items():
-        prompts, comparisons = nemo_split_files([data.usable[pid] for pid in ids])
-        names = split_file_names(data.prefix, name)
+    out: Files = {}
+    for name, rows in table.splits.items():
+        prompts, comparisons = nemo_split_files([row.nemo for row in rows])
+        names = split_file_names(table.prefix, name)
         out[names[0]], out[names[1]] = prompts, comparisons
     return out
 
 
-Format = Callable[[Dataset, dict[str, list[str]]], dict[str, str | bytes]]
+Format = Callable[[Table], Files]
 FORMATS: dict[str, Format] = {
     "nemo-rm": nemo_rm,
     "nemo-dpo": nemo_dpo,
