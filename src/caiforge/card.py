@@ -131,3 +131,26 @@ def _trainers(manifest: Manifest) -> list[str]:
             "",
         ]
     return lines
+
+
+def blend_card(manifest: Manifest) -> str:
+    """A blend's card: the same Hub configs and trainer commands, and where every pair came from."""
+    blend, counts = manifest.blend, manifest.counts
+    splits = ", ".join(f"{name}: {n}" for name, n in counts.splits.items())
+    lines = [
+        "# caiforge preference blend",
+        "",
+        f"{counts.pairs} pairs ({splits}) combined by caiforge {manifest.caiforge} from the sources below, "
+        f"sampled and split with seed {blend.get('seed')}. A prompt found in two splits was moved to one "
+        f"(test wins): {blend.get('leaks_moved', 0)} pairs moved.",
+        "",
+        "| source | kind | pairs in it | asked for | taken |",
+        "|---|---|---|---|---|",
+        *(
+            f"| `{s['path']}` | {s['kind']} | {s['rows']} | {s['amount'] or 'all'} | {s['taken']} |"
+            for s in blend.get("sources", [])
+        ),
+        "",
+        *_trainers(manifest),
+    ]
+    return _front_matter(manifest) + "\n".join(lines)

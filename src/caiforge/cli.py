@@ -238,10 +238,25 @@ def parser() -> argparse.ArgumentParser:
         help="nemo-rm, nemo-dpo, nemo-rl, trl, trl-kto; repeatable or a comma list",
     )
     exp.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
-    bl = sub.add_parser("blend", help="the seed's blend files from a run's store, with outside NeMo files")
-    bl.add_argument("directory", type=Path, help="the run's output folder (holds caiforge.db)")
-    bl.add_argument("--blend-with", required=True, help="the seed's blend dict: name, then per split files")
-    bl.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
+    bl = sub.add_parser(
+        "blend",
+        help="combine runs and outside preference data into one set of splits (no model is called)",
+        description="With one run and --blend-with alone: the seed's blend_* files in the run's folder. Otherwise "
+        "every run, --source and --blend-with file is sampled, split (leaks resolved, test wins) and written in "
+        "each --format to --output-dir.",
+    )
+    bl.add_argument("directories", nargs="*", type=Path, metavar="RUN_DIR", help="run folders (hold caiforge.db)")
+    bl.add_argument("--blend-with", default=None, help="the seed's blend dict: name, then per split NeMo files")
+    bl.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="PATH[:AMOUNT]",
+        help="a TRL JSONL/Parquet file, a folder of split files, or a run; AMOUNT is a weight in (0, 1] or a count",
+    )
+    bl.add_argument("--format", dest="formats", action="append", default=None, help="as for run (default nemo-rm,trl)")
+    bl.add_argument("--seed", type=int, default=None, help="sampling and shuffling (default: the first run's)")
+    bl.add_argument("--output-dir", type=Path, default=None, help="where to write")
     rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")
     rep.add_argument("directory", type=Path)
     init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
@@ -388,6 +403,36 @@ def _export(directory: Path, formats: list[str] | None, output_dir: Path | None,
     return 0
 
 
+def _blend(args: argparse.Namespace) -> int:
+    from .config import parse_formats
+    from .export import blend_many
+
+    dirs, seed_only = args.directories, not args.source and args.formats is None
+    if len(dirs) == 1 and args.blend_with is not None and seed_only:
+        return _export(dirs[0], None, args.output_dir, blend=args.blend_with)
+    try:
+        if args.output_dir is None:
+            raise InputError("blend: --output-dir is needed to combine sources (a blend is not a run's folder)")
+        formats = parse_formats(args.formats or ["nemo-rm,trl"])
+        spec = parse_blend_with(args.blend_with) if args.blend_with is not None else None
+        done = blend_many(dirs, args.source, spec, formats, args.output_dir, args.seed)
+    except ValueError as exc:
+        print(f"caiforge: error: --format: {exc}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    blend = done.manifest.blend
+    for source in blend["sources"]:
+        print(f"caiforge: {source['path']}: {source['taken']} of {source['rows']} pairs")
+    splits = ", ".join(f"{k} {v}" for k, v in done.manifest.counts.splits.items())
+    print(
+        f"caiforge: blended {done.manifest.counts.pairs} pairs ({splits}); {blend['leaks_moved']} moved to stop a leak"
+    )
+    print(f"  output: {done.output_dir}")
+    return 0
+
+
 def _report(directory: Path) -> int:
     from .report import write_report
 
@@ -452,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         return _export(args.directory, args.formats, args.output_dir)
     if args.command == "blend":
-        return _export(args.directory, None, args.output_dir, blend=args.blend_with)
+        return _blend(args)
     if args.command == "eval-judge":
         return _eval_judge(args)
     from .pipeline import run  # imported late: `caiforge --help` stays fast

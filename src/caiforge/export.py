@@ -10,13 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+from .card import blend_card
 from .config import BlendSpec, RunConfig, build_config
 from .errors import InputError
 from .formats import FORMATS, run_table
 from .inputs import check_jsonl, read_text
+from .manifest import Counts, Manifest
+from .mix import DEFAULT_RATIOS, Pair, Source, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files
 from .records import Record, RunDescriptor, pending, records
 from .store import DB_NAME, Store
+from .template import PromptTemplate
 from .writers import WRITERS, Blend, Dataset
 
 
@@ -130,3 +135,98 @@ def blend_run(run_dir: Path, spec: BlendSpec, output_dir: Path | None = None) ->
     return Exported(
         output_dir=out, files=sorted(files), pairs=len(data.usable), pending=run.pending, prompts=run.prompts
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Blended:
+    output_dir: Path
+    files: list[str]
+    manifest: Manifest
+
+
+def _run_source(run_dir: Path, amount: str | None) -> tuple[Source, RunConfig]:
+    run = read_run(run_dir)
+    data = dataset_of(run.cfg, run.records, blend=False)
+    table = run_table(data, data.assign_splits())
+    pairs = [
+        Pair(prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, split=name, source=run_dir.name)
+        for name, rows in table.splits.items()
+        for row in rows
+    ]
+    return Source(name=run_dir.name, path=str(run_dir), kind="run", pairs=pairs, amount=amount), run.cfg
+
+
+def _outside_source(path: Path, amount: str | None, ratios: dict[str, float]) -> Source:
+    """A TRL JSONL/Parquet file (named by its split, or split by the ratios) or a folder of split files."""
+    if path.is_dir():
+        files = {p.stem: p for p in sorted(path.glob("*.parquet"))} | {p.stem: p for p in sorted(path.glob("*.jsonl"))}
+        if not files:
+            raise InputError(f"{path}: a source folder needs split files such as train.jsonl or test.parquet")
+        pairs = [pair for stem, file in files.items() for pair in trl_pairs(file, stem, path.name)]
+    elif path.is_file():
+        pairs = trl_pairs(path, path.stem if path.stem in ratios else None, path.name)
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    return Source(name=path.name, path=str(path), kind="trl", pairs=pairs, amount=amount)
+
+
+def blend_many(
+    run_dirs: list[Path],
+    given: list[str],
+    spec: BlendSpec | None,
+    formats: tuple[str, ...],
+    output_dir: Path,
+    seed: int | None = None,
+) -> Blended:
+    """Runs and outside datasets into one set of splits, in every format asked for; no model is called."""
+    sources: list[Source] = []
+    base: RunConfig | None = None
+    for run_dir in run_dirs:
+        source, cfg = _run_source(run_dir, None)
+        sources.append(source)
+        base = base or cfg
+    parsed = [parse_source(text) for text in given]
+    for path, amount in parsed:
+        if (path / DB_NAME).is_file():
+            source, cfg = _run_source(path, amount)
+            sources.append(source)
+            base = base or cfg
+    ratios = dict(base.splits) if base else dict(DEFAULT_RATIOS)
+    template = base.template if base else PromptTemplate()
+    for path, amount in parsed:
+        if not (path / DB_NAME).is_file():
+            sources.append(_outside_source(path, amount, ratios))
+    if spec is not None:
+        for split, paths in spec.splits.items():
+            if len(paths["prompts"]) != len(paths["comparisons"]):
+                raise InputError(f"--blend-with: split {split!r} needs one comparisons file per prompts file")
+            for prompts, comparisons in zip(paths["prompts"], paths["comparisons"], strict=True):
+                check_jsonl(prompts, "blend prompts")
+                check_jsonl(comparisons, "blend comparisons", even_lines=True)
+                pairs = nemo_pairs(prompts, comparisons, template, split, spec.name)
+                sources.append(Source(name=spec.name, path=str(comparisons), kind="nemo", pairs=pairs))
+    if not sources:
+        raise InputError("blend: name at least one run folder, --source or --blend-with")
+    seed = seed if seed is not None else (base.seed if base else 1234)
+    prefix = base.output_filename_prefix if base else "cai_rlaif"
+    mixed = mix(sources, ratios, template, seed, prefix)
+    files: dict[str, str | bytes] = {}
+    for name in formats:
+        files.update(FORMATS[name](mixed.table))
+    manifest = Manifest(
+        caiforge=__version__,
+        counts=Counts(pairs=sum(mixed.splits.values()), splits=mixed.splits),
+        formats=list(formats),
+        files=sorted(files),
+        blend={
+            "seed": seed,
+            "ratios": ratios,
+            "sources": [s.report() for s in mixed.sources],
+            "leaks_moved": mixed.leaks_moved,
+        },
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_files(output_dir, files)
+    manifest.write(output_dir)
+    write_files(output_dir, {"README.md": blend_card(manifest)})
+    return Blended(output_dir=output_dir, files=sorted(files), manifest=manifest)

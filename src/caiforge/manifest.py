@@ -70,6 +70,7 @@ class Manifest(_Lenient):
     warnings: list[str] = []
     formats: list[str] = []  # trainer formats written besides the seed's files
     files: list[str] = []  # every dataset file written, relative to the run folder
+    blend: dict[str, Any] = {}  # a blend: its seed, ratios, sources (rows, amount, taken) and leaks moved
 
     def judge_config(self) -> dict[str, Any]:
         judge = self.config.get("judge")
