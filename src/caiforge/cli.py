@@ -36,6 +36,17 @@ def _temperatures(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+FORMATS_HELP = (
+    "trainer formats besides the seed's files, repeatable or a comma list: nemo-rm, nemo-dpo, nemo-rl, "
+    "trl (standard and conversational, JSONL and Parquet), trl-kto"
+)
+
+
+def _add_formats(p: Any, **kw: Any) -> None:
+    """``--format`` for run, export and blend: one spelling, parsed by config.parse_formats."""
+    p.add_argument("--format", dest="formats", action="append", **kw)
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     p.add_argument("--config", type=Path, default=s, help="YAML file with any of these settings (flags win)")
@@ -62,14 +73,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--shuffle", type=_bool, default=s)
     io.add_argument("--seed", type=int, default=s)
     io.add_argument("--blend-with", default=s, help="the seed's blend dict: name, then per split files")
-    io.add_argument(
-        "--format",
-        dest="formats",
-        action="append",
-        default=s,
-        help="trainer formats besides the seed's files, repeatable or a comma list: nemo-rm, nemo-dpo, nemo-rl, "
-        "trl (standard and conversational, JSONL and Parquet), trl-kto (default: nemo-rm,trl)",
-    )
+    _add_formats(io, default=s, help=FORMATS_HELP + " (default: nemo-rm,trl)")
     io.add_argument(
         "--on-bad-record",
         choices=("error", "skip"),
@@ -230,13 +234,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(ev)
     exp = sub.add_parser("export", help="write trainer formats from a run's store (no model, no server)")
     exp.add_argument("directory", type=Path, help="the run's output folder (holds caiforge.db)")
-    exp.add_argument(
-        "--format",
-        dest="formats",
-        action="append",
-        required=True,
-        help="nemo-rm, nemo-dpo, nemo-rl, trl, trl-kto; repeatable or a comma list",
-    )
+    _add_formats(exp, required=True, help=FORMATS_HELP)
     exp.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the run's folder)")
     bl = sub.add_parser(
         "blend",
@@ -254,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH[:AMOUNT]",
         help="a TRL JSONL/Parquet file, a folder of split files, or a run; AMOUNT is a weight in (0, 1] or a count",
     )
-    bl.add_argument("--format", dest="formats", action="append", default=None, help="as for run (default nemo-rm,trl)")
+    _add_formats(bl, default=None, help=FORMATS_HELP + " (default: nemo-rm,trl)")
     bl.add_argument("--seed", type=int, default=None, help="sampling and shuffling (default: the first run's)")
     bl.add_argument("--output-dir", type=Path, default=None, help="where to write")
     rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")

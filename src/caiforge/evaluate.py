@@ -9,13 +9,12 @@ strong labellers and reward models agree with these labels about 70-75% of the t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
 from .errors import CaiforgeError, InputError
-from .inputs import lines_of, read_text
+from .inputs import json_lines
 from .keys import sha256_text
 from .outputs import write_json
 from .pipeline import judge_spec, load_judging, prepare_output_dir
@@ -32,13 +31,7 @@ def read_pairs(path: Path, limit: int | None = None) -> tuple[list[HumanPair], i
     """Pairs in file order (the first ``limit``) and how many rows were skipped for not sharing a prefix."""
     pairs: list[HumanPair] = []
     skipped = 0
-    for number, line in enumerate(lines_of(read_text(path, "pairs")), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            raise InputError(f"{path}:{number}: invalid JSON: {str(exc)[:100]}") from exc
+    for number, record in json_lines(path, "pairs"):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("chosen", "rejected")):
             raise InputError(f"{path}:{number}: expected an object with string 'chosen' and 'rejected' transcripts")
         chosen, rejected = record["chosen"], record["rejected"]

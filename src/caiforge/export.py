@@ -15,7 +15,7 @@ from .card import blend_card
 from .config import BlendSpec, RunConfig, build_config
 from .errors import InputError
 from .formats import FORMATS, run_table
-from .inputs import check_jsonl, read_text
+from .inputs import check_blend_files, read_text
 from .manifest import Counts, Manifest
 from .mix import DEFAULT_RATIOS, Pair, Source, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files
@@ -97,7 +97,7 @@ def read_run(run_dir: Path) -> Stored:
             cfg=stored_config(descriptor),
             records=list(records(store, descriptor)),
             pending=pending(store, descriptor),
-            prompts=sum(1 for _ in store.results(descriptor.key())),
+            prompts=store.count_results(descriptor.key())[0],
         )
     finally:
         store.close()
@@ -122,11 +122,7 @@ def blend_run(run_dir: Path, spec: BlendSpec, output_dir: Path | None = None) ->
         raise InputError(
             f"--blend-with must name exactly the run's splits {sorted(run.cfg.splits)}, it names {sorted(spec.splits)}"
         )
-    for split in spec.splits.values():
-        for path in split["prompts"]:
-            check_jsonl(path, "blend prompts")
-        for path in split["comparisons"]:
-            check_jsonl(path, "blend comparisons", even_lines=True)
+    check_blend_files(spec.splits)
     data = dataset_of(run.cfg.model_copy(update={"blend_with": spec}), run.records)
     files = {k: v for k, v in WRITERS["seed"](data, data.assign_splits()).items() if k.startswith("blend_")}
     out = output_dir or run_dir
@@ -197,12 +193,11 @@ def blend_many(
         if not (path / DB_NAME).is_file():
             sources.append(_outside_source(path, amount, ratios))
     if spec is not None:
+        check_blend_files(spec.splits)
         for split, paths in spec.splits.items():
             if len(paths["prompts"]) != len(paths["comparisons"]):
                 raise InputError(f"--blend-with: split {split!r} needs one comparisons file per prompts file")
             for prompts, comparisons in zip(paths["prompts"], paths["comparisons"], strict=True):
-                check_jsonl(prompts, "blend prompts")
-                check_jsonl(comparisons, "blend comparisons", even_lines=True)
                 pairs = nemo_pairs(prompts, comparisons, template, split, spec.name)
                 sources.append(Source(name=spec.name, path=str(comparisons), kind="nemo", pairs=pairs))
     if not sources:

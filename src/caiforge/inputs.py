@@ -13,10 +13,10 @@ import gzip
 import io
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import InputError
 
@@ -224,6 +224,26 @@ def read_constitution(path: Path) -> str:
     if not text.strip():
         raise InputError(f"{path}: constitution file is empty")
     return text
+
+
+def json_lines(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file; a bad line is an InputError."""
+    for number, line in enumerate(lines_of(read_text(path, what)), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"{path}:{number}: invalid JSON: {str(exc)[:100]}") from exc
+
+
+def check_blend_files(splits: Mapping[str, Mapping[Literal["prompts", "comparisons"], Sequence[Path]]]) -> None:
+    """The seed's ``--blend-with`` files, every one checked before anything is written."""
+    for spec in splits.values():
+        for path in spec["prompts"]:
+            check_jsonl(path, "blend prompts")
+        for path in spec["comparisons"]:
+            check_jsonl(path, "blend comparisons", even_lines=True)
 
 
 def check_jsonl(path: Path, what: str, even_lines: bool = False) -> int:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .dataset import split as split_items
 from .errors import InputError
 from .formats import Row, Table, clean, context
-from .inputs import lines_of, read_text
+from .inputs import json_lines, lines_of, read_text
 from .records import prompt_id
 from .template import PromptTemplate
 
@@ -60,7 +60,10 @@ class Mixed:
     table: Table
     sources: list[Source]
     leaks_moved: int = 0
-    splits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {name: len(rows) for name, rows in self.table.splits.items()}
 
 
 def parse_source(text: str) -> tuple[Path, str | None]:
@@ -136,7 +139,7 @@ def mix(sources: list[Source], ratios: dict[str, float], template: PromptTemplat
         rng.shuffle(rows)
         splits[name] = rows
     table = Table(splits=splits, prefix=prefix)
-    return Mixed(table=table, sources=sources, leaks_moved=moved, splits={k: len(v) for k, v in splits.items()})
+    return Mixed(table=table, sources=sources, leaks_moved=moved)
 
 
 def _row(pair: Pair, template: PromptTemplate) -> Row:
@@ -210,13 +213,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise InputError(f"{path}: not a readable Parquet file: {str(exc)[:120]}") from exc
         return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
     out = []
-    for number, line in enumerate(lines_of(read_text(path, "blend source")), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            raise InputError(f"{path}:{number}: invalid JSON: {str(exc)[:100]}") from exc
+    for number, row in json_lines(path, "blend source"):
         if not isinstance(row, dict):
             raise InputError(f"{path}:{number}: a row must be a JSON object")
         out.append((number, row))

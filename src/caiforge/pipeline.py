@@ -24,7 +24,7 @@ from .config import RunConfig
 from .engine import Stats
 from .errors import InputError, RunAborted
 from .export import dataset_of, format_files
-from .inputs import BadRecord, check_jsonl, read_constitution, read_prompts
+from .inputs import BadRecord, check_blend_files, read_constitution, read_prompts
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import FAILURES_FILE, write_atomic, write_files
@@ -145,11 +145,7 @@ def load_inputs(cfg: RunConfig) -> Inputs:
     found, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
     constitution, principles = load_judging(cfg)
     if cfg.blend_with is not None:
-        for spec in cfg.blend_with.splits.values():
-            for path in spec["prompts"]:
-                check_jsonl(path, "blend prompts")
-            for path in spec["comparisons"]:
-                check_jsonl(path, "blend comparisons", even_lines=True)
+        check_blend_files(cfg.blend_with.splits)
     unique = list(dict.fromkeys(r.text for r in found))
     return Inputs(prompts=unique, records=len(found), bad=bad, constitution=constitution, principles=principles)
 

@@ -153,4 +153,5 @@ def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[R
 
 def pending(store: Store, descriptor: RunDescriptor) -> int:
     """Prompts of the run with no outcome yet (an interrupted run)."""
-    return sum(1 for r in store.results(descriptor.key()) if r.status is None)
+    total, finished = store.count_results(descriptor.key())
+    return total - finished

@@ -124,14 +124,16 @@ class Session:
         await self._close()
 
     async def _close(self) -> None:
+        """In reverse of opening; each step in a ``finally`` so one failing step never skips the next."""
         try:
-            self.progress.close()
-            if self._engine is not None:
-                await self._engine.aclose()
-        finally:
-            for backend in {id(b): b for b in self.backends.values()}.values():
-                with contextlib.suppress(Exception):  # closing a socket must not hide why the run ended
+            try:
+                self.progress.close()
+                if self._engine is not None:
+                    await self._engine.aclose()
+            finally:
+                for backend in {id(b): b for b in self.backends.values()}.values():
                     await backend.aclose()
+        finally:
             if self._store is not None:
                 stats = self._engine.stats.as_dict() if self._engine is not None else {}
                 if self._store.attempt is not None:

@@ -246,15 +246,21 @@ class Store:
                 prompt_id=pid, position=position, prompt=text, status=status, data=json.loads(data) if data else None
             )
 
+    def count_results(self, run_key: str) -> tuple[int, int]:
+        """(prompts of the run, prompts with an outcome under ``run_key``)."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COUNT(r.prompt_id) FROM prompts p "
+            "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ?",
+            (run_key,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
     def set_splits(self, assignment: Iterable[tuple[str, str, int]]) -> None:
         """(prompt id, split, rank in the split) for every usable pair, replacing any earlier assignment."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM splits")
             self.db.executemany("INSERT INTO splits VALUES (?, ?, ?)", assignment)
-
-    def splits(self) -> dict[str, tuple[str, int]]:
-        return {pid: (split, rank) for pid, split, rank in self.db.execute("SELECT * FROM splits")}
 
     # -- failures outside any prompt --------------------------------------------------------------------
     def put_failure(self, *, stage: str, reason: str, detail: str, source: str | None, line: int | None) -> None:

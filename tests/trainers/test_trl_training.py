@@ -88,13 +88,21 @@ def weights(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
+def assert_two_steps_learned(trainer, model) -> None:
+    before = weights(model)
+    result = trainer.train()
+    assert result.global_step == 2
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert not torch.equal(before, weights(model))  # it learned something from our pairs
+
+
 def test_dpo_trainer_trains_two_steps_on_the_export(train_rows, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = tokenizer_for(train_rows)
     model, ref_model = tiny_llama(tokenizer), tiny_llama(tokenizer)
-    before = weights(model)
     trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -102,11 +110,7 @@ def test_dpo_trainer_trains_two_steps_on_the_export(train_rows, tmp_path):
         train_dataset=Dataset.from_list(train_rows),
         processing_class=tokenizer,
     )
-    result = trainer.train()
-    assert result.global_step == 2
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert not torch.equal(before, weights(model))  # it learned something from our pairs
+    assert_two_steps_learned(trainer, model)
 
 
 def test_reward_trainer_trains_two_steps_on_the_export(train_rows, tmp_path):
@@ -115,15 +119,10 @@ def test_reward_trainer_trains_two_steps_on_the_export(train_rows, tmp_path):
 
     tokenizer = tokenizer_for(train_rows)
     model = tiny_llama(tokenizer, classifier=True)
-    before = weights(model)
     trainer = RewardTrainer(
         model=model,
         args=RewardConfig(**common(tmp_path)),
         train_dataset=Dataset.from_list(train_rows),
         processing_class=tokenizer,
     )
-    result = trainer.train()
-    assert result.global_step == 2
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert not torch.equal(before, weights(model))
+    assert_two_steps_learned(trainer, model)

@@ -168,15 +168,18 @@ class LocalModelBackend(LocalBackend):
         return out
 
 
+def _model(cfg: RunConfig) -> dict[str, Any]:
+    """The fields that pick and load the one model both roles share."""
+    local = cfg.local
+    return {"path": local.model_path, "threads": local.threads, "n_ctx": local.n_ctx, "logits_all": _logits_all(cfg)}
+
+
 def policy_options(cfg: RunConfig) -> LocalOptions:
     s = cfg.policy.sampling
     system = cfg.template.system_default_message
     return LocalOptions(
         role="policy",
-        path=cfg.local.model_path,
-        threads=cfg.local.threads,
-        n_ctx=cfg.local.n_ctx,
-        logits_all=_logits_all(cfg),
+        **_model(cfg),
         params={
             "top_p": s.top_p,
             "top_k": s.top_k,
@@ -195,10 +198,7 @@ def judge_options(cfg: RunConfig) -> LocalOptions:
     j = cfg.judge
     return LocalOptions(
         role="judge",
-        path=cfg.local.model_path,
-        threads=cfg.local.threads,
-        n_ctx=cfg.local.n_ctx,
-        logits_all=_logits_all(cfg),
+        **_model(cfg),
         params={"temperature": j.temperature, "max_tokens": j.max_tokens},
         identity={"temperature": j.temperature, "max_tokens": j.max_tokens, "schema": True},
     )
