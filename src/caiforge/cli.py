@@ -209,6 +209,15 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         default=s,
         help="keep the concurrency limits fixed instead of adapting to 429s and latency",
     )
+    scale = p.add_argument_group("scale out (caiforge[ray])")
+    scale.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default=s,
+        help="ray: shard the prompts over a Ray cluster's actors; results land in this run's store (default local)",
+    )
+    scale.add_argument("--ray-address", default=s, help="a running cluster ('auto' after `ray start --head`)")
+    scale.add_argument("--ray-actors", type=int, default=s, help="actors in the pool (default: one per 2 CPUs)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -312,6 +321,9 @@ FLAT = {  # flag dest -> config path
     "local_model": "local.model_path",
     "local_threads": "local.threads",
     "formats": "formats",
+    "engine": "engine",
+    "ray_address": "ray_address",
+    "ray_actors": "ray_actors",
 }
 SAMPLING = tuple(f for f in Sampling.model_fields if f != "end_strings")  # end_strings is unescaped
 SPECIAL = (

@@ -139,6 +139,9 @@ class RunConfig(_Frozen):
     on_bad_record: Literal["error", "skip"] = "error"
     quiet: bool = False
     formats: tuple[str, ...] = ("nemo-rm", "trl")  # the seed's files are always written besides
+    engine: Literal["local", "ray"] = "local"  # ray: the same pipeline sharded over a Ray cluster's actors
+    ray_address: str | None = None  # None: a local Ray instance; "auto": the cluster `ray start` made
+    ray_actors: int | None = Field(None, ge=1)  # None: one per two CPUs of the cluster, at least one
 
     @field_validator("formats", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,23 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         pipeline = rlcai.RlCai(settings, {r: engine.asker(r) for r in rlcai.ROLES}, session.progress.advance)
         rate = FailureRate(cfg.max_failure_rate)
         window = sum(2 * s.concurrency * b.capabilities.batch for b, s in engine.endpoints().values())
+        on_outcome = partial(record_outcome, store, run_key)
         try:
-            await run_each(items, pipeline, lambda o: record_outcome(store, run_key, o), window=window, rate=rate)
+            if cfg.engine == "ray":
+                from .ray_runner import run_on_ray  # caiforge[ray]: imported only when asked for
+
+                await run_on_ray(
+                    cfg,
+                    settings,
+                    items,
+                    on_outcome,
+                    rate=rate,
+                    cache=store,
+                    stats=engine.stats,
+                    advance=session.progress.advance,
+                )
+            else:
+                await run_each(items, pipeline, on_outcome, window=window, rate=rate)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
             write_files(cfg.output_dir, WRITERS["failures"](dataset_of(cfg, list(records(store, descriptor))), {}))

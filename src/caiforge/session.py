@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from . import backends
 from .backends import Backend
 from .config import RunConfig
-from .engine import EndpointSettings, Engine
+from .engine import EndpointSettings, Engine, ReplyCache
 from .errors import InputError, RunAborted
 from .progress import Progress
 from .store import Store
@@ -44,6 +44,17 @@ def endpoint_settings(cfg: RunConfig, section: str, backend: Backend) -> Endpoin
         output_retries=s.output_retries,
         backoff_base=cfg.retry_backoff,
     )
+
+
+def make_backends(cfg: RunConfig, roles: Mapping[str, str]) -> dict[str, Backend]:
+    """Each role's backend, built from its config section (``roles``: role -> section)."""
+    return {role: backends.make(cfg, section) for role, section in roles.items()}
+
+
+def make_engine(cfg: RunConfig, roles: Mapping[str, str], made: Mapping[str, Backend], cache: ReplyCache) -> Engine:
+    """The engine over ``made`` (from :func:`make_backends`), with each role's endpoint settings."""
+    endpoints = {role: (b, endpoint_settings(cfg, roles[role], b)) for role, b in made.items()}
+    return Engine(endpoints, cache, seed=cfg.seed)
 
 
 async def check_endpoints(made: Mapping[str, Backend], quiet: bool) -> list[str]:
@@ -104,15 +115,11 @@ class Session:
 
     async def __aenter__(self) -> Session:
         try:
-            for role, section in self.roles.items():
-                self.backends[role] = backends.make(self.cfg, section)
+            self.backends = make_backends(self.cfg, self.roles)
             self.notes = await check_endpoints(self.backends, self.cfg.quiet)
             self._store = Store.open(self.cfg.output_dir, fresh=self._fresh)
             self._store.begin_attempt(self._attempt)
-            endpoints = {
-                role: (b, endpoint_settings(self.cfg, self.roles[role], b)) for role, b in self.backends.items()
-            }
-            self._engine = Engine(endpoints, self._store, seed=self.cfg.seed)
+            self._engine = make_engine(self.cfg, self.roles, self.backends, self._store)
         except BaseException:
             await self._close()
             raise
