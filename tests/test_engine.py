@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+import virtual_clock as vclock
 from caiforge.backends import Capabilities
 from caiforge.engine import EndpointSettings, Engine
-from caiforge.errors import BadModelOutput, TransientError
+from caiforge.errors import BadModelOutput, TransientError, Unreachable
 from caiforge.request import Reply, Request
 from caiforge.store import Store
 
@@ -177,3 +178,99 @@ def test_a_request_is_a_chat_or_a_raw_prompt_never_both_or_neither():
     with pytest.raises(ValueError, match="either messages or a raw prompt"):
         Request(messages=[{"role": "user", "content": "a"}], prompt="b")
     assert Request(prompt="raw").user_turn is None
+
+
+# -- several endpoints per role ---------------------------------------------------------------------------
+class Down(Echo):
+    """An endpoint that refuses connections until ``up`` is set: what a killed replica looks like."""
+
+    def __init__(self, name: str = "echo") -> None:
+        super().__init__(name)
+        self.up = False
+        self.refused = 0
+
+    async def send(self, requests: list[Request]) -> list[Reply | BadModelOutput]:
+        if not self.up:
+            self.refused += 1
+            raise Unreachable("connection refused: http://127.0.0.1:9/v1", "connection refused")
+        return await super().send(requests)
+
+
+def test_requests_go_to_the_endpoint_with_the_fewest_outstanding(store):
+    gate = asyncio.Event()
+    a, b = Echo(gate=gate), Echo(gate=gate)  # same identity: interchangeable replicas
+    engine = Engine({"policy": [(a, settings(concurrency=8)), (b, settings(concurrency=8))]}, store)
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(engine.ask("policy", user(f"p{i}"))) for i in range(10)]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert (a.in_flight, b.in_flight) == (5, 5)  # each new request went to the less loaded one
+        gate.set()
+        await asyncio.gather(*tasks)
+        await engine.aclose()
+
+    asyncio.run(main())
+    assert len(a.calls) == len(b.calls) == 5
+    figures = engine.stats.endpoints["policy"]
+    assert [f["requests"] for f in figures] == [5, 5] and engine.stats.concurrency["policy"]["limit"] == 16
+
+
+def test_a_down_endpoint_is_rested_its_requests_go_elsewhere_and_a_probe_brings_it_back(store):
+    down, up = Down(), Echo()
+    rest = {"rest_base": 10.0, "backoff_base": 1.0}
+    engine = Engine({"policy": [(down, settings(**rest)), (up, settings(**rest))]}, store)
+
+    async def main() -> list[Reply]:
+        first = await asyncio.gather(*(engine.ask("policy", user(f"p{i}")) for i in range(6)))
+        assert down.refused == 1  # refused once, then rested: nothing more is sent there
+        down.up = True  # the replica comes back; after its rest a probe finds it
+        await asyncio.sleep(10.5)
+        later = [await engine.ask("policy", user(f"q{i}")) for i in range(4)]
+        await engine.aclose()
+        return [*first, *later]
+
+    replies = vclock.run(main())
+    assert len(replies) == 10 and all(r.text.startswith("echo:") for r in replies)  # no request was lost
+    assert len(up.calls) + len(down.calls) == 10 and len(down.calls) >= 1  # probed and used again
+    rested, healthy = engine.stats.endpoints["policy"]
+    assert (rested["rests"], rested["errors"], healthy["rests"]) == (1, 1, 0)
+    assert engine.stats.retries["policy"] == 1  # the refused request was sent again, at once, to the other
+
+
+def test_a_lone_endpoint_is_never_rested_its_errors_are_retried_with_backoff(store):
+    lone = Echo(script=[Unreachable("refused", "connection refused")] * 2)
+    engine = Engine({"policy": (lone, settings(backoff_base=1.0))}, store)
+
+    async def main() -> Reply:
+        reply = await engine.ask("policy", user("x"))
+        await engine.aclose()
+        return reply
+
+    assert vclock.run(main()).text == "echo: x @ None"
+    assert engine.stats.endpoints["policy"][0]["rests"] == 0 and engine.stats.retries["policy"] == 2
+
+
+def test_endpoints_of_one_role_must_agree_on_everything_but_the_address(store):
+    with pytest.raises(ValueError, match="differ in model or settings"):
+        Engine({"policy": [(Echo("a"), settings()), (Echo("b"), settings())]}, store)
+
+
+def test_batches_go_to_several_nemo_like_endpoints_and_the_last_partial_batch_is_sent(store):
+    gate = asyncio.Event()
+    a, b = Echo(batch=4, gate=gate), Echo(batch=4, gate=gate)
+    engine = Engine({"policy": [(a, settings(concurrency=1)), (b, settings(concurrency=1))]}, store)
+
+    async def main() -> list[Reply]:
+        tasks = [asyncio.create_task(engine.ask("policy", user(f"p{i}", 0.5))) for i in range(10)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (a.in_flight, b.in_flight) == (1, 1)  # one batch each, at once
+        gate.set()
+        replies = await asyncio.gather(*tasks)
+        await engine.aclose()
+        return replies
+
+    assert len(asyncio.run(main())) == 10
+    sizes = sorted(len(c) for c in a.calls + b.calls)
+    assert sum(sizes) == 10 and a.calls and b.calls and sizes[-1] == 4

@@ -7,20 +7,55 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .compat import generate_ai_preference, generate_cai_rlaif_candidate_dataset
-from .config import RunConfig, build_config
-from .errors import (
-    BackendError,
-    BadModelOutput,
-    CaiforgeError,
-    InputError,
-    PermanentError,
-    RateLimited,
-    RunAborted,
-    TransientError,
-)
-from .pipeline import RunResult, run, run_async
-from .template import PromptTemplate
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562): a command imports only what it runs, so `caiforge --help` stays fast.
+_EXPORTS = {
+    "generate_ai_preference": "compat",
+    "generate_cai_rlaif_candidate_dataset": "compat",
+    "RunConfig": "config",
+    "build_config": "config",
+    "BackendError": "errors",
+    "BadModelOutput": "errors",
+    "CaiforgeError": "errors",
+    "InputError": "errors",
+    "PermanentError": "errors",
+    "RateLimited": "errors",
+    "RunAborted": "errors",
+    "TransientError": "errors",
+    "RunResult": "pipeline",
+    "run": "pipeline",
+    "run_async": "pipeline",
+    "PromptTemplate": "template",
+}
+
+if TYPE_CHECKING:
+    from .compat import generate_ai_preference, generate_cai_rlaif_candidate_dataset
+    from .config import RunConfig, build_config
+    from .errors import (
+        BackendError,
+        BadModelOutput,
+        CaiforgeError,
+        InputError,
+        PermanentError,
+        RateLimited,
+        RunAborted,
+        TransientError,
+    )
+    from .pipeline import RunResult, run, run_async
+    from .template import PromptTemplate
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'caiforge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BackendError",

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, backends
-from .config import Sampling, build_config, load_yaml, parse_blend_with, parse_splits
 from .errors import CaiforgeError, InputError, RunAborted
-from .template import unescape
 
 COMMANDS = ("run", "init", "eval-judge", "report", "export", "blend")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
@@ -85,11 +83,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
     pol = p.add_argument_group("policy (candidate responses)")
     pol.add_argument("--policy-backend", choices=backends.choices("policy"), default=s)
-    pol.add_argument("--policy-url", default=s, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    pol.add_argument(
+        "--policy-url",
+        action="append",
+        default=s,
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; repeat for replicas (least loaded first)",
+    )
     pol.add_argument("--policy-model", default=s)
     pol.add_argument("--policy-concurrency", type=int, default=s, help="requests in flight (default per backend)")
     pol.add_argument("--host", default=s, help="NeMo inference server host")
     pol.add_argument("--port", type=int, default=s, help="NeMo inference server port")
+    pol.add_argument("--nemo-servers", default=s, help="several NeMo servers: host1:port1,host2:port2")
     pol.add_argument("--batch-size", type=int, default=s, help="prompts per NeMo request (default 128)")
     pol.add_argument(
         "--policy-output-retries",
@@ -135,8 +139,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--judge-url",
         "--ngc-url",
         dest="judge_url",
+        action="append",
         default=s,
-        help="OpenAI-compatible chat URL: base (.../v1) or full (.../chat/completions)",
+        help="OpenAI-compatible chat URL: base (.../v1) or full (.../chat/completions); repeat for replicas",
     )
     jg.add_argument("--judge-model", "--ngc-model", dest="judge_model", default=s)
     jg.add_argument("--ngc-api-key", default=s, help="prefer the NGC_API_KEY environment variable")
@@ -306,6 +311,7 @@ FLAT = {  # flag dest -> config path
     "policy_concurrency": "policy.concurrency",
     "host": "policy.host",
     "port": "policy.port",
+    "nemo_servers": "policy.servers",
     "batch_size": "policy.batch_size",
     "policy_output_retries": "policy.output_retries",
     "judge_backend": "judge.backend",
@@ -325,7 +331,6 @@ FLAT = {  # flag dest -> config path
     "ray_address": "ray_address",
     "ray_actors": "ray_actors",
 }
-SAMPLING = tuple(f for f in Sampling.model_fields if f != "end_strings")  # end_strings is unescaped
 SPECIAL = (
     "pairs",
     "limit",
@@ -353,11 +358,14 @@ TEMPLATE = (
 
 def _apply_flags(data: dict[str, Any], given: dict[str, Any]) -> None:
     """Lay the flags that were given over the YAML settings."""
+    from .config import Sampling, parse_blend_with, parse_splits
+    from .template import unescape
+
     for dest, path in FLAT.items():
         if dest in given:
             _set(data, path, given[dest])
-    for name in SAMPLING:
-        if name in given:
+    for name in Sampling.model_fields:
+        if name in given and name != "end_strings":  # end_strings is unescaped
             _set(data, f"policy.sampling.{name}", given[name])
     if "end_strings" in given:
         _set(data, "policy.sampling.end_strings", [unescape(v) for v in given["end_strings"]])
@@ -374,6 +382,8 @@ def _apply_flags(data: dict[str, Any], given: dict[str, Any]) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
     """Defaults < YAML file (``--config``) < flags; one validated config, or an InputError."""
+    from .config import build_config, load_yaml
+
     given = vars(args)
     data: dict[str, Any] = load_yaml(given["config"]) if "config" in given else {}
     try:
@@ -387,7 +397,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
 
 def _export(directory: Path, formats: list[str] | None, output_dir: Path | None, blend: str | None = None) -> int:
     """``export`` (formats) and ``blend`` (the seed's blend files): both read the run's store alone."""
-    from .config import parse_formats
+    from .config import parse_blend_with, parse_formats
     from .export import blend_run, export
 
     try:
@@ -414,7 +424,7 @@ def _export(directory: Path, formats: list[str] | None, output_dir: Path | None,
 
 
 def _blend(args: argparse.Namespace) -> int:
-    from .config import parse_formats
+    from .config import parse_blend_with, parse_formats
     from .export import blend_many
 
     dirs, seed_only = args.directories, not args.source and args.formats is None

@@ -36,7 +36,7 @@ KEY_ENV = {"policy": "CAIFORGE_POLICY_API_KEY", "judge": "NGC_API_KEY"}
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class Sampling(_Frozen):
@@ -57,10 +57,12 @@ class PolicyConfig(_Frozen):
     """Who writes the candidates. ``backend=None`` is resolved by :meth:`RunConfig._resolve_backends`."""
 
     backend: str | None = None  # a kind of caiforge.backends (validated there)
-    url: str | None = None
+    url: str | None = None  # the first of ``urls``
+    urls: tuple[str, ...] = ()  # every endpoint (--policy-url repeated): interchangeable replicas
     model: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
+    servers: tuple[str, ...] = ()  # NeMo: every host:port (--nemo-servers h1:p1,h2:p2); host/port: the first
     batch_size: int = Field(128, ge=1)
     concurrency: int | None = Field(None, ge=1)
     rpm: float | None = Field(None, gt=0)
@@ -73,7 +75,8 @@ class JudgeConfig(_Frozen):
     """Who labels the pairs: an OpenAI-compatible chat endpoint (NGC/NIM, vLLM, ...) or the local model."""
 
     backend: str | None = None
-    url: str | None = None
+    url: str | None = None  # the first of ``urls``
+    urls: tuple[str, ...] = ()  # every endpoint (--judge-url repeated)
     model: str = DEFAULT_JUDGE_MODEL
     api_key: SecretStr | None = None
     concurrency: int | None = Field(None, ge=1)  # None: the backend's default (32 remote, 1 local)
@@ -87,6 +90,37 @@ class JudgeConfig(_Frozen):
     passes: int = Field(1, ge=1, le=2)
     layout: Literal["caiforge", "seed"] = "caiforge"
     structured: Literal["auto", "off"] = "auto"
+
+
+def _endpoint_list(section: Any, role: str) -> Any:
+    """``url`` may be given as a list (YAML, Python, --policy-url repeated): ``urls`` holds them all, ``url`` the
+    first, so code that needs one endpoint keeps working. NeMo's ``servers`` likewise sets ``host``/``port``."""
+    if not isinstance(section, dict):
+        return section
+    out = dict(section)
+    url = out.get("url")
+    if isinstance(url, (list, tuple)):
+        if not url:
+            raise ValueError(f"{role}.url: an empty list of endpoints")
+        out["urls"], out["url"] = tuple(url), url[0]
+    elif out.get("urls") and not url:
+        out["url"] = out["urls"][0]
+    servers = out.get("servers")
+    if isinstance(servers, str):
+        servers = [s for s in (p.strip() for p in servers.split(",")) if s]
+    if servers:
+        parsed = [_host_port(s, role) for s in servers]
+        out["servers"] = tuple(f"{h}:{p}" for h, p in parsed)
+        out.setdefault("host", parsed[0][0])
+        out.setdefault("port", parsed[0][1])
+    return out
+
+
+def _host_port(text: str, role: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{role}: NeMo server {text!r} is not host:port (e.g. 127.0.0.1:5656)")
+    return host, int(port)
 
 
 class LocalConfig(_Frozen):
@@ -185,7 +219,7 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
-    def _keys_from_environment(cls, data: Any) -> Any:
+    def _keys_and_endpoint_lists(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         for role, env in KEY_ENV.items():
@@ -194,7 +228,8 @@ class RunConfig(_Frozen):
                 continue
             section = dict(section or {})
             if section.get("api_key") is None and os.environ.get(env):
-                data = {**data, role: {**section, "api_key": os.environ[env]}}
+                section = {**section, "api_key": os.environ[env]}
+            data = {**data, role: _endpoint_list(section, role)}
         return data
 
     @model_validator(mode="after")
@@ -210,8 +245,8 @@ class RunConfig(_Frozen):
                     f"--blend-with must name exactly the splits of --splits {sorted(self.splits)}; "
                     f"missing {missing}, unknown {extra}"
                 )
-        object.__setattr__(self, "policy", policy)
-        object.__setattr__(self, "judge", judge)
+        object.__setattr__(self, "policy", _all_endpoints(policy))
+        object.__setattr__(self, "judge", _all_endpoints(judge))
         return self
 
     def public_dict(self) -> dict[str, Any]:
@@ -220,6 +255,15 @@ class RunConfig(_Frozen):
         data["policy"]["api_key_set"] = self.policy.api_key is not None
         data["judge"]["api_key_set"] = self.judge.api_key is not None
         return data
+
+
+def _all_endpoints(section: Any) -> Any:
+    """Every endpoint listed, the defaults included: one endpoint is a list of one."""
+    if section.backend == "nemo":
+        return section.model_copy(update={"servers": section.servers or (f"{section.host}:{section.port}",)})
+    if section.url and not section.urls:
+        return section.model_copy(update={"urls": (section.url,)})
+    return section
 
 
 # The trainer formats (caiforge.formats writes them; it checks that its registry holds exactly these).

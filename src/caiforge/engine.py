@@ -14,7 +14,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from .backends.base import Backend
-from .errors import BadModelOutput, RateLimited, TransientError
+from .errors import BadModelOutput, RateLimited, TransientError, Unreachable
 from .limits import Aimd, Limiter, Pacer
 from .request import Ask, Reply, Request
 
@@ -105,14 +105,15 @@ class Batcher(Generic[K, T, R]):
 
 @dataclass
 class Stats:
-    """What the summary and manifest report, per role."""
+    """What the summary and manifest report, per role (and per endpoint of a role)."""
 
     requests: Counter[str] = field(default_factory=Counter)  # sent
     retries: Counter[str] = field(default_factory=Counter)
     cached: Counter[str] = field(default_factory=Counter)  # answered from the store
     tokens: Counter[str] = field(default_factory=Counter)  # "<role>_prompt", "<role>_completion"
     failures: Counter[str] = field(default_factory=Counter)  # by "stage: reason" (filled by the runner)
-    concurrency: dict[str, dict[str, int]] = field(default_factory=dict)  # where AIMD settled
+    concurrency: dict[str, dict[str, int]] = field(default_factory=dict)  # where AIMD settled, summed per role
+    endpoints: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per role, each endpoint's figures
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,7 @@ class Stats:
             "tokens": dict(self.tokens),
             "failures": dict(self.failures),
             "concurrency": self.concurrency,
+            "endpoints": self.endpoints,
         }
 
 
@@ -135,6 +137,9 @@ class EndpointSettings:
     backoff_base: float = 0.5
     backoff_max: float = 60.0
     linger: float = 0.02  # how long a partial batch waits for company
+    failures_to_rest: int = 5  # errors in a row (5xx, timeouts) after which one of several endpoints is rested
+    rest_base: float = 1.0  # the first rest, in seconds; doubled at each rest in a row
+    rest_max: float = 30.0
 
 
 class ReplyCache(Protocol):
@@ -145,38 +150,62 @@ class ReplyCache(Protocol):
     def put_reply(self, key: str, role: str, reply: Reply) -> None: ...
 
 
+Endpoints = tuple[Backend, EndpointSettings] | Sequence[tuple[Backend, EndpointSettings]]
+
+
+def _now() -> float:
+    """The event loop's clock (monotonic), which asyncio.sleep keeps: rests are slept out on it."""
+    return asyncio.get_running_loop().time()
+
+
 class _Endpoint:
-    def __init__(self, role: str, backend: Backend, settings: EndpointSettings, engine: Engine) -> None:
-        self.role, self.backend, self.settings = role, backend, settings
-        self.identity = backend.identity()
+    """One server of a role: its own in-flight limit, pace and health, and the figures the manifest reports."""
+
+    def __init__(self, backend: Backend, settings: EndpointSettings) -> None:
+        self.backend, self.settings = backend, settings
+        self.address = str(getattr(backend, "url", backend.kind))
         self.limiter = Limiter(settings.concurrency)
         self.aimd = Aimd(self.limiter, self.limiter.limit) if settings.adaptive else None
         self.pacer = Pacer(settings.rpm)
-        self.batcher: Batcher[tuple[Any, ...], Request, Reply | BadModelOutput] | None = None
-        if backend.capabilities.batch > 1:
+        self.errors_in_row = 0
+        self.rest_until = 0.0  # loop time before which no request is sent here
+        self.rests_in_row = 0
+        self.rests = 0
+        self.sent = self.ok = self.errors = 0
+        self.latency_total = self.latency_max = 0.0
 
-            async def send(_: tuple[Any, ...], requests: list[Request]) -> list[Reply | BadModelOutput]:
-                return await engine._call(self, partial(backend.send, requests))
+    @property
+    def outstanding(self) -> int:
+        return self.limiter.in_flight + self.limiter.waiting
 
-            self.batcher = Batcher(backend.capabilities.batch, settings.concurrency, settings.linger, send)
+    def usable(self, now: float) -> bool:
+        """Not resting; once a rest is over, one request at a time probes it until one succeeds."""
+        return self.rest_until <= now and not (self.rests_in_row and self.limiter.in_flight)
 
-        def before_sleep(state: RetryCallState) -> None:
-            engine.stats.retries[role] += 1
+    def succeeded(self, latency: float) -> None:
+        self.ok += 1
+        self.errors_in_row = self.rests_in_row = 0
+        self.latency_total += latency
+        self.latency_max = max(self.latency_max, latency)
 
-        # Built once: per-call callables would each be garbage in a cycle (measured: GC work doubled).
-        self.retry_policy: dict[str, Any] = {
-            "stop": partial(engine._stop, settings),
-            "wait": partial(engine._wait, settings),
-            "retry": retry_if_exception_type(TransientError),
-            "before_sleep": before_sleep,
-            "reraise": True,
-        }
+    def failed(self, exc: TransientError, several: bool) -> None:
+        """A refused connection rests the endpoint at once, a run of errors after ``failures_to_rest``; a 429
+        is the server pacing us (the adaptive limit's business), not ill health. Only when the role has
+        others to send to: a lone endpoint is waited for by the retries' backoff instead."""
+        self.errors += 1
+        if isinstance(exc, RateLimited):
+            return
+        self.errors_in_row += 1
+        down = isinstance(exc, Unreachable) or self.errors_in_row >= self.settings.failures_to_rest
+        if several and down and self.rest_until <= _now():
+            self.rest()
 
-    async def one(self, engine: Engine, request: Request) -> Reply | BadModelOutput:
-        if self.batcher is not None:
-            return await self.batcher.submit(request.batch_key(), request)
-        results = await engine._call(self, partial(self.backend.send, [request]))
-        return results[0]
+    def rest(self) -> None:
+        s = self.settings
+        self.rest_until = _now() + min(s.rest_max, s.rest_base * 2**self.rests_in_row)
+        self.rests_in_row += 1
+        self.rests += 1
+        self.errors_in_row = 0
 
     def report(self) -> dict[str, int]:
         if self.aimd is not None:
@@ -191,42 +220,129 @@ class _Endpoint:
             "peak_in_flight": self.limiter.peak,
         }
 
+    def figures(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "requests": self.sent,
+            "ok": self.ok,
+            "errors": self.errors,
+            "rests": self.rests,
+            "mean_latency_ms": round(1000 * self.latency_total / self.ok, 1) if self.ok else None,
+            "max_latency_ms": round(1000 * self.latency_max, 1),
+            "concurrency": self.report(),
+        }
+
+
+class _Role:
+    """A role's endpoints, interchangeable (one identity, so one store key): each request goes to the usable
+    endpoint with the fewest requests outstanding, and a retry may go to another."""
+
+    def __init__(self, name: str, endpoints: list[_Endpoint], engine: Engine) -> None:
+        self.name, self.endpoints = name, endpoints
+        self.settings = endpoints[0].settings
+        first = endpoints[0].backend
+        self.identity = first.identity()
+        for other in endpoints[1:]:
+            if other.backend.identity() != self.identity:
+                raise ValueError(f"the {name} endpoints differ in model or settings; a role's endpoints must agree")
+        self.batcher: Batcher[tuple[Any, ...], Request, Reply | BadModelOutput] | None = None
+        if first.capabilities.batch > 1:
+
+            async def send(_: tuple[Any, ...], requests: list[Request]) -> list[Reply | BadModelOutput]:
+                return await engine._call(self, requests)
+
+            senders = sum(e.settings.concurrency for e in endpoints)
+            self.batcher = Batcher(first.capabilities.batch, senders, self.settings.linger, send)
+
+        def before_sleep(state: RetryCallState) -> None:
+            engine.stats.retries[name] += 1
+
+        # Built once: per-call callables would each be garbage in a cycle (measured: GC work doubled).
+        self.retry_policy: dict[str, Any] = {
+            "stop": partial(engine._stop, self.settings),
+            "wait": partial(engine._wait, self),
+            "retry": retry_if_exception_type(TransientError),
+            "before_sleep": before_sleep,
+            "reraise": True,
+        }
+
+    async def choose(self) -> _Endpoint:
+        """The usable endpoint with the fewest outstanding requests; when all rest, wait for the first back."""
+        while True:
+            now = _now()
+            best: _Endpoint | None = None
+            for e in self.endpoints:
+                if e.usable(now) and (best is None or e.outstanding < best.outstanding):
+                    best = e
+            if best is not None:
+                return best
+            back = min((e.rest_until for e in self.endpoints if e.rest_until > now), default=now)
+            await asyncio.sleep(max(0.01, back - now))
+
+    def any_usable(self) -> bool:
+        now = _now()
+        return any(e.usable(now) for e in self.endpoints)
+
+    async def one(self, engine: Engine, request: Request) -> Reply | BadModelOutput:
+        if self.batcher is not None:
+            return await self.batcher.submit(request.batch_key(), request)
+        results = await engine._call(self, [request])
+        return results[0]
+
 
 class Engine:
-    def __init__(
-        self, endpoints: Mapping[str, tuple[Backend, EndpointSettings]], cache: ReplyCache, seed: int = 0
-    ) -> None:
+    def __init__(self, endpoints: Mapping[str, Endpoints], cache: ReplyCache, seed: int = 0) -> None:
+        """``endpoints``: per role, one (backend, settings) or several interchangeable ones."""
         self.cache = cache
         self.stats = Stats()
-        self._endpoints = {role: _Endpoint(role, b, s, self) for role, (b, s) in endpoints.items()}
+        self._roles: dict[str, _Role] = {}
+        for role, given in endpoints.items():
+            pairs = [given] if isinstance(given, tuple) else list(given)
+            if not pairs:
+                raise ValueError(f"no endpoint for role {role!r}")
+            self._roles[role] = _Role(role, [_Endpoint(b, s) for b, s in pairs], self)
         self._jitter = random.Random(seed)
 
     def identity(self, role: str) -> dict[str, Any]:
-        return self._endpoints[role].identity
+        return self._roles[role].identity
 
     def endpoints(self) -> dict[str, tuple[Backend, EndpointSettings]]:
-        return {role: (e.backend, e.settings) for role, e in self._endpoints.items()}
+        """Each role's first endpoint (they agree on everything but the address)."""
+        return {role: (r.endpoints[0].backend, r.settings) for role, r in self._roles.items()}
+
+    def capacity(self) -> int:
+        """Requests that can be in flight at once over every endpoint (each batch counted by its size)."""
+        return sum(
+            e.settings.concurrency * e.backend.capabilities.batch for r in self._roles.values() for e in r.endpoints
+        )
+
+    def rest(self, backend: Backend) -> None:
+        """Rest the endpoint served by ``backend`` (found down before the run began); a probe brings it back."""
+        for r in self._roles.values():
+            for e in r.endpoints:
+                if e.backend is backend:
+                    e.rest()
 
     def asker(self, role: str) -> Ask:
         """``ask`` bound to one role: what a pipeline is given."""
-        if role not in self._endpoints:
+        if role not in self._roles:
             raise KeyError(f"no endpoint for role {role!r}")
         return partial(self.ask, role)
 
     async def ask(self, role: str, request: Request) -> Reply:
-        """The reply to ``request`` from ``role``'s endpoint, or from the store when it was asked before.
+        """The reply to ``request`` from one of ``role``'s endpoints, or from the store when it was asked before.
 
         Raises BackendError when there is none: transient errors are retried first, and an unusable reply is
         asked again up to the endpoint's ``output_retries`` (a sampled answer may come out fine next time)."""
-        endpoint = self._endpoints[role]
-        key = request.key(endpoint.identity)
+        r = self._roles[role]
+        key = request.key(r.identity)
         stored = self.cache.get_reply(key)
         if stored is not None:
             self.stats.cached[role] += 1
             return stored
         result: Reply | BadModelOutput = BadModelOutput("no reply")
-        for _ in range(endpoint.settings.output_retries + 1):
-            result = await endpoint.one(self, request)
+        for _ in range(r.settings.output_retries + 1):
+            result = await r.one(self, request)
             if isinstance(result, Reply):
                 break
         if isinstance(result, BadModelOutput):
@@ -237,47 +353,80 @@ class Engine:
         return result
 
     # -- retries ----------------------------------------------------------------------------------------
-    def _wait(self, settings: EndpointSettings, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _delay(self, settings: EndpointSettings, exc: BaseException | None, attempt: int) -> float:
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             return exc.retry_after + self._jitter.uniform(0, 0.1 * exc.retry_after + 0.05)
-        ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (state.attempt_number - 1))
+        ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (attempt - 1))
         return self._jitter.uniform(0, ceiling)  # full jitter
 
     @staticmethod
-    def _stop(settings: EndpointSettings, state: RetryCallState) -> bool:
+    def _give_up(settings: EndpointSettings, exc: BaseException | None, attempt: int) -> bool:
         """Errors get ``max_retries``; a 429 is the server pacing us, not a failure, so it gets three times as
         many (with backoff up to a minute, about an hour of waiting): a quota that never lifts still ends, as a
         recorded failure and, across many prompts, as a --max-failure-rate stop."""
-        exc = state.outcome.exception() if state.outcome else None
         budget = settings.max_retries * (3 if isinstance(exc, RateLimited) else 1)
-        return state.attempt_number > budget
+        return attempt > budget
 
-    async def _call(self, endpoint: _Endpoint, fn: Callable[[], Awaitable[R]]) -> R:
-        """One call under the endpoint's pace and limit, retried on transient errors with backoff outside it."""
-        role, limiter, aimd, pacer = endpoint.role, endpoint.limiter, endpoint.aimd, endpoint.pacer
+    # tenacity numbers its attempts from 1, but runs from the second on (the first is bare): hence the + 1.
+    def _wait(self, role: _Role, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return self._retry_delay(role, exc, state.attempt_number + 1)
 
-        async def once() -> R:
-            async with limiter:
-                await pacer.wait()  # paced from the moment it may really start: no catch-up burst
-                self.stats.requests[role] += 1
-                started = time.monotonic()
-                try:
-                    result = await fn()
-                except RateLimited:
-                    if aimd:
-                        aimd.on_rate_limited()
-                    raise
-                if aimd:
-                    aimd.on_success(time.monotonic() - started)
-                return result
+    def _stop(self, settings: EndpointSettings, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        return self._give_up(settings, exc, state.attempt_number + 1)
 
-        retrying = AsyncRetrying(**endpoint.retry_policy)  # one per call: tenacity keeps per-call state
-        return await retrying(once)
+    def _retry_delay(self, role: _Role, exc: BaseException | None, attempt: int) -> float:
+        """A refused connection is a down server, not a busy one: with another endpoint to go to, go now."""
+        if isinstance(exc, Unreachable) and len(role.endpoints) > 1 and role.any_usable():
+            return 0.0
+        return self._delay(role.settings, exc, attempt)
+
+    async def _once(self, role: _Role, requests: list[Request]) -> list[Reply | BadModelOutput]:
+        """One call to the chosen endpoint, under its pace and limit."""
+        endpoint = await role.choose()
+        aimd = endpoint.aimd
+        async with endpoint.limiter:
+            await endpoint.pacer.wait()  # paced from the moment it may really start: no catch-up burst
+            self.stats.requests[role.name] += 1
+            endpoint.sent += 1
+            started = time.monotonic()
+            try:
+                result = await endpoint.backend.send(requests)
+            except TransientError as exc:
+                endpoint.failed(exc, several=len(role.endpoints) > 1)
+                if aimd and isinstance(exc, RateLimited):
+                    aimd.on_rate_limited()
+                raise
+            latency = time.monotonic() - started
+            endpoint.succeeded(latency)
+            if aimd:
+                aimd.on_success(latency)
+            return result
+
+    async def _call(self, role: _Role, requests: list[Request]) -> list[Reply | BadModelOutput]:
+        """One call, retried on transient errors with backoff outside the limit (or at once elsewhere)."""
+        try:  # the first attempt runs bare: tenacity's per-call set-up cost more than the request (profiled)
+            return await self._once(role, requests)
+        except TransientError as exc:
+            if self._give_up(role.settings, exc, 1):
+                raise
+            self.stats.retries[role.name] += 1
+            await asyncio.sleep(self._retry_delay(role, exc, 1))
+        retrying = AsyncRetrying(**role.retry_policy)  # attempts 2 on; one per call: tenacity keeps state
+        return await retrying(self._once, role, requests)
 
     async def aclose(self) -> None:
         """Cancel batches still in flight (on interrupt) and record where each endpoint's concurrency settled."""
-        for endpoint in self._endpoints.values():
-            if endpoint.batcher is not None:
-                await endpoint.batcher.aclose()
-        self.stats.concurrency = {role: e.report() for role, e in self._endpoints.items()}
+        for r in self._roles.values():
+            if r.batcher is not None:
+                await r.batcher.aclose()
+        self.stats.concurrency = {name: _summed([e.report() for e in r.endpoints]) for name, r in self._roles.items()}
+        self.stats.endpoints = {name: [e.figures() for e in r.endpoints] for name, r in self._roles.items()}
+
+
+def _summed(reports: list[dict[str, int]]) -> dict[str, int]:
+    """One role's concurrency over its endpoints (the sum: what the role had in flight at most)."""
+    if len(reports) == 1:
+        return reports[0]
+    return {k: sum(rep[k] for rep in reports) for k in reports[0]}

@@ -29,6 +29,10 @@ class Limiter:
     def limit(self) -> int:
         return self._limit
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     def set_limit(self, limit: int) -> None:
         self._limit = max(1, limit)
         self._wake()

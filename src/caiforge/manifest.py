@@ -45,6 +45,7 @@ class RunStats(_Lenient):
     tokens: dict[str, int] = {}  # "<role>_prompt", "<role>_completion"
     failures: dict[str, int] = {}
     concurrency: dict[str, dict[str, int]] = {}
+    endpoints: dict[str, list[dict[str, Any]]] = {}  # per role, each endpoint: requests, errors, rests, latency
 
 
 class Timings(_Lenient):

@@ -76,6 +76,14 @@ class RunResult:
                 f"(lowest {conc.get('lowest', 0)}, ceiling {conc.get('ceiling', 0)}, "
                 f"peak {conc.get('peak_in_flight', 0)} in flight)"
             )
+            endpoints = s.endpoints.get(role, [])
+            if len(endpoints) > 1:
+                for e in endpoints:
+                    mean = e["mean_latency_ms"]
+                    lines.append(
+                        f"    {e['address']}: {e['requests']} sent, {e['errors']} errors, rested {e['rests']}x, "
+                        f"mean latency {'-' if mean is None else f'{mean:.0f} ms'}"
+                    )
             tin, tout = s.tokens[f"{role}_prompt"], s.tokens[f"{role}_completion"]
             if tin or tout:
                 lines.append(f"  {role} tokens: {tin:,} in, {tout:,} out")
@@ -228,7 +236,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         session.show_progress(rlcai.totals(settings, len(items)))
         pipeline = rlcai.RlCai(settings, {r: engine.asker(r) for r in rlcai.ROLES}, session.progress.advance)
         rate = FailureRate(cfg.max_failure_rate)
-        window = sum(2 * s.concurrency * b.capabilities.batch for b, s in engine.endpoints().values())
+        window = 2 * engine.capacity()  # prompts in flight: enough to keep every endpoint full, and no more
         on_outcome = partial(record_outcome, store, run_key)
         try:
             if cfg.engine == "ray":

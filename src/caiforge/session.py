@@ -22,9 +22,9 @@ from . import backends
 from .backends import Backend
 from .config import RunConfig
 from .engine import EndpointSettings, Engine, ReplyCache
-from .errors import InputError, RunAborted
+from .errors import InputError, RunAborted, Unreachable
 from .progress import Progress
-from .store import Store
+from .store import COMMIT_INTERVAL, Store
 
 T = TypeVar("T")
 # A run allocates a few dozen short-lived objects per request while hundreds of requests wait in flight, so
@@ -46,35 +46,49 @@ def endpoint_settings(cfg: RunConfig, section: str, backend: Backend) -> Endpoin
     )
 
 
-def make_backends(cfg: RunConfig, roles: Mapping[str, str]) -> dict[str, Backend]:
-    """Each role's backend, built from its config section (``roles``: role -> section)."""
-    return {role: backends.make(cfg, section) for role, section in roles.items()}
+def make_backends(cfg: RunConfig, roles: Mapping[str, str]) -> dict[str, list[Backend]]:
+    """Each role's backends, one per endpoint, built from its config section (``roles``: role -> section)."""
+    return {role: backends.make_all(cfg, section) for role, section in roles.items()}
 
 
-def make_engine(cfg: RunConfig, roles: Mapping[str, str], made: Mapping[str, Backend], cache: ReplyCache) -> Engine:
-    """The engine over ``made`` (from :func:`make_backends`), with each role's endpoint settings."""
-    endpoints = {role: (b, endpoint_settings(cfg, roles[role], b)) for role, b in made.items()}
+def make_engine(
+    cfg: RunConfig, roles: Mapping[str, str], made: Mapping[str, list[Backend]], cache: ReplyCache
+) -> Engine:
+    """The engine over ``made`` (from :func:`make_backends`), with each endpoint's settings."""
+    endpoints = {role: [(b, endpoint_settings(cfg, roles[role], b)) for b in bs] for role, bs in made.items()}
     return Engine(endpoints, cache, seed=cfg.seed)
 
 
-async def check_endpoints(made: Mapping[str, Backend], quiet: bool) -> list[str]:
-    """Every endpoint at once: one line per endpoint that cannot serve. Returns the notes worth keeping."""
-    unique = list({id(b): b for b in made.values()}.values())
-    results = await asyncio.gather(*(b.check() for b in unique), return_exceptions=True)
+async def check_endpoints(made: Mapping[str, list[Backend]], quiet: bool) -> tuple[list[str], list[Backend]]:
+    """Every endpoint at once: one line per endpoint that cannot serve. Returns the notes worth keeping, and
+    the endpoints that were unreachable while another of their role answered: those start rested (a replica
+    still starting, or down for now), and the run goes on without them until a probe finds them back."""
+    unique = list({id(b): b for bs in made.values() for b in bs}.values())
+    checked = await asyncio.gather(*(b.check() for b in unique), return_exceptions=True)
+    results = {id(b): result for b, result in zip(unique, checked, strict=True)}
     problems: list[str] = []
     notes: list[str] = []
-    for result in results:
-        if isinstance(result, InputError):
-            problems.append(str(result))
-        elif isinstance(result, BaseException):
-            raise result
-        elif result:
-            notes.append(result)
-            if not quiet:
-                print(f"caiforge: note: {result}", file=sys.stderr)
+    down: list[Backend] = []
+    for bs in made.values():
+        answered = [b for b in bs if not isinstance(results[id(b)], BaseException)]
+        for b in bs:
+            result = results[id(b)]
+            if isinstance(result, InputError):
+                if answered and isinstance(result.__cause__, Unreachable):
+                    down.append(b)
+                    notes.append(f"{result}; going on with the other {len(answered)} endpoint(s) and trying it again")
+                elif str(result) not in problems:
+                    problems.append(str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            elif result and result not in notes:
+                notes.append(result)
     if problems:
         raise InputError("\ncaiforge: error: ".join(problems))
-    return notes
+    if not quiet:
+        for note in notes:
+            print(f"caiforge: note: {note}", file=sys.stderr)
+    return notes, down
 
 
 class Session:
@@ -89,7 +103,7 @@ class Session:
         fresh: bool = False,
     ) -> None:
         self.cfg, self.roles, self._attempt, self._fresh = cfg, dict(roles), attempt, fresh
-        self.backends: dict[str, Backend] = {}
+        self.backends: dict[str, list[Backend]] = {}
         self.notes: list[str] = []
         self.status = "interrupted"
         self._store: Store | None = None
@@ -116,10 +130,20 @@ class Session:
     async def __aenter__(self) -> Session:
         try:
             self.backends = make_backends(self.cfg, self.roles)
-            self.notes = await check_endpoints(self.backends, self.cfg.quiet)
+            self.notes, down = await check_endpoints(self.backends, self.cfg.quiet)
             self._store = Store.open(self.cfg.output_dir, fresh=self._fresh)
             self._store.begin_attempt(self._attempt)
+            loop = asyncio.get_running_loop()
+            store = self._store
+            store.commit_interval = COMMIT_INTERVAL  # replies and results in one transaction per interval
+
+            def commit_soon() -> None:
+                loop.call_later(COMMIT_INTERVAL, store.commit)
+
+            store.on_dirty = commit_soon
             self._engine = make_engine(self.cfg, self.roles, self.backends, self._store)
+            for backend in down:
+                self._engine.rest(backend)
         except BaseException:
             await self._close()
             raise
@@ -138,7 +162,7 @@ class Session:
                 if self._engine is not None:
                     await self._engine.aclose()
             finally:
-                for backend in {id(b): b for b in self.backends.values()}.values():
+                for backend in {id(b): b for bs in self.backends.values() for b in bs}.values():
                     await backend.aclose()
         finally:
             if self._store is not None:
@@ -151,9 +175,13 @@ class Session:
         """What each endpoint turned out to need, for the manifest, and the sentences that say so."""
         report: dict[str, Any] = {}
         notes: list[str] = []
-        for role, backend in self.backends.items():
-            report[role], said = backend.adaptations()
-            notes += said
+        for role, made in self.backends.items():
+            reports = []
+            for backend in made:
+                found, said = backend.adaptations()
+                reports.append(found)
+                notes += said
+            report[role] = reports[0] if len(reports) == 1 else reports
         return report, notes
 
 

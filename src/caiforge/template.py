@@ -29,7 +29,7 @@ def _unbrace(text: str) -> str:
 class PromptTemplate(BaseModel):
     """NeMo's ``<extra_id_*>`` chat format by default; every field maps to the seed flag of the same name."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     user_format: str = "<extra_id_1>User\n{MESSAGE}\n<extra_id_1>Assistant\n"
     assistant_format: str = "{MESSAGE}\n"

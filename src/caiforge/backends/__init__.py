@@ -16,7 +16,7 @@ from .base import Backend, Capabilities, Kind
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-__all__ = ["Backend", "Capabilities", "Kind", "choices", "describe", "infer", "kind", "make", "resolve"]
+__all__ = ["Backend", "Capabilities", "Kind", "choices", "describe", "infer", "kind", "make", "make_all", "resolve"]
 
 
 @cache
@@ -54,10 +54,31 @@ def resolve(role: str, section: Any) -> Any:
 
 
 def make(cfg: RunConfig, role: str) -> Backend:
+    """The role's (first) endpoint."""
     section = getattr(cfg, role)
     return kind(section.backend, role).make(cfg, role)
 
 
+def _addresses(section: Any) -> list[dict[str, Any]]:
+    """One settings update per endpoint: NeMo's ``servers`` (host:port), else the ``urls``."""
+    servers = getattr(section, "servers", ())
+    if len(servers) > 1:
+        return [{"host": h, "port": int(p)} for h, _, p in (s.rpartition(":") for s in servers)]
+    urls = getattr(section, "urls", ())
+    if len(urls) > 1:
+        return [{"url": u} for u in urls]
+    return [{}]
+
+
+def make_all(cfg: RunConfig, role: str) -> list[Backend]:
+    """One backend per endpoint of the role, each built as if it were the only one."""
+    section = getattr(cfg, role)
+    k = kind(section.backend, role)
+    return [k.make(cfg.model_copy(update={role: section.model_copy(update=u)}), role) for u in _addresses(section)]
+
+
 def describe(cfg: RunConfig, role: str) -> str:
     section = getattr(cfg, role)
-    return kind(section.backend, role).where(cfg, role)
+    text = kind(section.backend, role).where(cfg, role)
+    more = len(_addresses(section)) - 1
+    return text + (f" and {more} more endpoint(s)" if more else "")

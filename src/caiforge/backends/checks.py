@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
-
 from ..errors import InputError, PermanentError, TransientError, Unreachable
-from .http import HttpClient
+from .http import HttpClient, Timeout
 
-CHECK_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=2)
+CHECK_TIMEOUT = Timeout(total=10, connect=2)
 
 
 class EndpointError(InputError):

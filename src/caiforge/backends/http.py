@@ -16,9 +16,11 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 from ..errors import PermanentError, RateLimited, Refused, TransientError, Unreachable
 
@@ -74,6 +76,8 @@ def refused_fields(status: int, text: str, payload: dict[str, Any] | None) -> fr
 
 def connection_problem(exc: BaseException) -> str:
     """A short, stable description of why no connection was made (the same cause gives the same words)."""
+    import aiohttp
+
     if isinstance(exc, aiohttp.ClientConnectorError):
         err = exc.os_error
         if isinstance(err, ConnectionRefusedError) or getattr(err, "errno", None) == errno.ECONNREFUSED:
@@ -99,22 +103,36 @@ def connection_problem(exc: BaseException) -> str:
 Transport = Callable[[str, str, dict[str, Any] | None, dict[str, str]], Awaitable[tuple[int, Mapping[str, str], bytes]]]
 
 
+@dataclass(frozen=True)
+class Timeout:
+    """Seconds for the whole request and for the connection (None: no separate bound)."""
+
+    total: float
+    connect: float | None = None
+
+
 class HttpClient:
+    """aiohttp is imported when the first request is made, so that commands which send none start fast."""
+
     def __init__(self, timeout: float, api_key: str | None = None, transport: Transport | None = None) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = Timeout(timeout)
         self._api_key = api_key or None
         self._session: aiohttp.ClientSession | None = None
+        self._bounds: dict[Timeout, aiohttp.ClientTimeout] = {}
         self._transport = transport
 
     async def _aiohttp(
-        self, method: str, url: str, payload: dict[str, Any] | None, headers: dict[str, str], timeout: Any
+        self, method: str, url: str, payload: dict[str, Any] | None, headers: dict[str, str], timeout: Timeout
     ) -> tuple[int, Mapping[str, str], bytes]:
+        import aiohttp
+
         if self._session is None:
             # No connection cap here: the engine's limiter decides how many requests are in flight.
-            self._session = aiohttp.ClientSession(
-                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0, force_close=False)
-            )
-        async with self._session.request(method, url, json=payload, headers=headers, timeout=timeout) as resp:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        bounds = self._bounds.get(timeout)
+        if bounds is None:
+            bounds = self._bounds[timeout] = aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.connect)
+        async with self._session.request(method, url, json=payload, headers=headers, timeout=bounds) as resp:
             body = await resp.read()
             retry_after = resp.headers.get("Retry-After")
             return resp.status, {"Retry-After": retry_after} if retry_after is not None else {}, body
@@ -133,8 +151,10 @@ class HttpClient:
         method: str,
         url: str,
         payload: dict[str, Any] | None = None,
-        timeout: aiohttp.ClientTimeout | None = None,
+        timeout: Timeout | None = None,
     ) -> dict[str, Any]:
+        import aiohttp  # a lookup in sys.modules once loaded: what the except clauses below name
+
         timeout = timeout or self._timeout
         try:
             if self._transport is not None:
@@ -144,7 +164,7 @@ class HttpClient:
             retry_after = headers.get("Retry-After")
         except asyncio.TimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                problem = f"no connection within {timeout.sock_connect:g}s"
+                problem = f"no connection within {timeout.connect or timeout.total:g}s"
                 raise Unreachable(self._redact(f"{problem}: {url}"), problem) from exc
             raise TransientError(self._redact(f"no answer within {timeout.total:g}s: {method} {url}")) from exc
         except aiohttp.ClientPayloadError as exc:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class NemoOptions(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     host: str = "localhost"
     port: int = 5656

@@ -29,7 +29,7 @@ POLICY_KEY_ENV, JUDGE_KEY_ENV = KEY_ENV["policy"], KEY_ENV["judge"]
 class OpenAIOptions(BaseModel):
     """Everything one OpenAI-compatible endpoint needs, for one role."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     kind: str
     role: str
