@@ -377,7 +377,10 @@ def test_blend_with_flag_is_parsed_and_checked_against_the_splits():
 
 def test_every_run_flag_reaches_the_config():
     """A flag that parses but maps to nothing would be silently ignored: every dest must be handled."""
-    from caiforge.cli import FLAT, SAMPLING, SPECIAL, TEMPLATE, parser
+    from caiforge.cli import FLAT, SPECIAL, TEMPLATE, parser
+    from caiforge.config import Sampling
+
+    SAMPLING = set(Sampling.model_fields)
 
     run = next(a for a in parser()._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
     dests = {action.dest for action in run._actions if action.dest != "help"}

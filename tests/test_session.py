@@ -50,11 +50,11 @@ def made(monkeypatch):
     out: dict[str, Recorder] = {}
     problems: dict[str, str] = {}
 
-    def make(cfg: Any, role: str) -> Recorder:
+    def make_all(cfg: Any, role: str) -> list[Recorder]:
         out[role] = Recorder(problems.get(role))
-        return out[role]
+        return [out[role]]
 
-    monkeypatch.setattr("caiforge.backends.make", make)
+    monkeypatch.setattr("caiforge.backends.make_all", make_all)
     return out, problems
 
 
