@@ -13,6 +13,7 @@ import os
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -552,14 +553,20 @@ def test_usage_errors(cli, fake, extra):
 
 
 def deny_reading(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
-    real = Path.read_bytes
+    real, real_open = Path.read_bytes, Path.open
 
     def read_bytes(self: Path) -> bytes:
         if self == denied:
             raise PermissionError(13, "Permission denied", str(self))
         return real(self)
 
+    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:  # the streaming readers open the file
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
 
 
 def test_unreadable_prompts_file_even_as_root(cli, fake, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from caiforge.store import DURABILITY_BOUND
 from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault, RecordedRequest
 from conftest import server_flags, write_prompts
 
@@ -118,40 +121,56 @@ def key(entry: dict) -> str:
     return json.dumps(entry["body"], sort_keys=True)
 
 
-def test_kill_9_then_rerun_repeats_at_most_the_requests_in_flight_and_writes_the_same_dataset(
+def stored_keys(out: Path) -> set[str]:
+    db = sqlite3.connect(out / "caiforge.db")
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM replies")}
+    finally:
+        db.close()
+
+
+def test_kill_9_then_rerun_repeats_only_what_was_in_flight_or_finished_within_the_commit_interval(
     server_process, tmp_path, constitution
 ):
-    server = server_process("--latency", "0.05")
+    """The store commits every COMMIT_INTERVAL (50 ms), not every reply: a kill -9 loses what was in flight
+    plus what finished since the last commit, which is at most DURABILITY_BOUND (100 ms) old. The client's
+    own event log (each write and commit, as it happened) says exactly which replies those were."""
+    server = server_process("--latency", "0.02", "--jitter", "0.02")
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", prompts(120))
     flags = ("--policy-concurrency", "8", "--judge-concurrency", "4")
-    killed = subprocess.Popen(caiforge_cmd(server, prompts_file, constitution, tmp_path / "out", *flags))
-    # The server's 50 ms latency and the limits (8 + 4 in flight) bound the run's pace: the 350 requests still
-    # to go after the 250th take at least 350 / (12 / 0.05 s) = 1.5 s, far longer than one turn of this loop,
-    # so the kill lands mid-run whatever the load. The deadline only guards against a hang.
+    out, events = tmp_path / "out", tmp_path / "events.log"
+    cmd = caiforge_cmd(server, prompts_file, constitution, out, *flags)
+    client = [sys.executable, str(Path(__file__).parent / "durability_client.py"), *cmd[3:]]
+    killed = subprocess.Popen(client, env={**os.environ, "CAIFORGE_EVENT_LOG": str(events)})
+    # 12 in flight at 20-40 ms: the 350 requests still to go after the 250th take over 0.5 s, so the kill lands
+    # mid-run whatever the load. The deadline only guards against a hang.
     deadline = time.monotonic() + 600
     while len(server.entries()) < 250 and time.monotonic() < deadline and killed.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.005)
+    killed_at = time.monotonic()
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    log = [line.split() for line in events.read_text().splitlines()]
+    last_commit = max(i for i, (what, _, _) in enumerate(log) if what == "commit")
+    committed = {k for what, k, _ in log[:last_commit] if what == "put"}
+    lost = {k: float(t) for what, k, t in log[last_commit:] if what == "put"}
+    durable = stored_keys(out)
+    assert committed <= durable and not (durable & set(lost))  # a commit survives kill -9; nothing else does
+    assert all(t >= killed_at - DURABILITY_BOUND for t in lost.values()), sorted(killed_at - t for t in lost.values())
+
     server.wait_idle()  # what was in flight is answered (logged 200) or cut off (logged 499) before we count
     first = server.entries()
-    done_before = {key(e) for e in first if e["status"] == 200}
-    assert 200 <= len(done_before) < 120 * 5
-
-    resumed = subprocess.run(
-        caiforge_cmd(server, prompts_file, constitution, tmp_path / "out", *flags),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
+    sent_again = stored_keys(out) - durable
+    repeated = sent_again & (committed | set(lost))
+    stored = len(committed) + len(lost)
+    print(f"\nkill -9 after {stored} stored replies: {len(lost)} uncommitted, {len(repeated)} repeated")
+    assert repeated <= set(lost)  # nothing committed was asked again
     second = server.entries()[len(first) :]
-    repeated = sum(1 for e in second if key(e) in done_before)
-    cut = sum(1 for e in first if e["status"] != 200)
-    print(f"\nkill -9 after {len(done_before)} answered requests ({cut} cut off in flight): {repeated} repeated")
-    assert repeated <= 8 + 4  # at most what was in flight when the process died
-    assert len(done_before) + len(second) - repeated == 120 * 5  # every request answered exactly once more or less
+    assert len(second) == len(sent_again)  # the rerun sent each missing request once, and nothing else
+    assert len(durable) + len(sent_again) == 120 * 5
 
     clean = subprocess.run(
         caiforge_cmd(server, prompts_file, constitution, tmp_path / "clean", *flags),
@@ -161,7 +180,7 @@ def test_kill_9_then_rerun_repeats_at_most_the_requests_in_flight_and_writes_the
     )
     assert clean.returncode == 0, clean.stderr
     for name in DATASET_FILES:
-        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -181,13 +200,16 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_say_how_to_resume(server_process, t
     assert "Traceback" not in stderr
     assert "Rerun the same command" in stderr
     server.wait_idle()
-    finished = len([e for e in server.entries() if e["status"] == 200])
+    first = server.entries()
+    done_before = {key(e) for e in first if e["status"] == 200}
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["counts"]["pairs"] == 60
-    # Answered by the server but never stored: at most what was in flight when the signal came (4 + 4).
-    assert sum(manifest["stats"]["cached"].values()) >= finished - 8
+    # A clean stop commits everything it finished: only what was in flight when the signal came (4 + 4) was
+    # answered by the server and never stored, so only that may be asked again.
+    repeated = sum(1 for e in server.entries()[len(first) :] if key(e) in done_before)
+    assert repeated <= 8
 
 
 FAULT_MIXES = {

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
+import itertools
 import json
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from .errors import InputError
 
@@ -170,52 +170,205 @@ def _format_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptRecord], list[BadRecord]]:
-    """All prompts of a file in order (duplicates kept; the pipeline counts and merges them)."""
-    text = read_text(path, "prompts")
-    source = str(path)
-    prompts: list[PromptRecord] = []
-    bad: list[BadRecord] = []
+class _Lines:
+    """A file's lines, streamed (gunzipped when it starts with the gzip magic), split on "\n" only and decoded
+    one at a time, so a file of any size is read in constant memory and a problem still names its line."""
 
-    def reject(line: int, reason: str) -> None:
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = path, what
+        self.number = 0  # the line last read
+        self._offset = 0  # bytes before that line, for "not UTF-8 at offset N"
+
+    def __iter__(self) -> Iterator[str]:
+        path = self.path
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError as exc:
+            raise InputError(f"{path}: {self.what} file not found") from exc
+        except IsADirectoryError as exc:
+            raise InputError(f"{path}: {self.what} path is a directory, expected a file") from exc
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read {self.what} file: {exc.strerror or exc}") from exc
+        with handle:
+            stream: IO[bytes] | gzip.GzipFile = handle
+            if handle.read(2) == GZIP_MAGIC:
+                handle.seek(0)
+                stream = gzip.GzipFile(fileobj=handle)
+            else:
+                handle.seek(0)
+            try:
+                for raw in stream:
+                    self.number += 1
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        at = self._offset + exc.start
+                        raise InputError(
+                            f"{path}:{self.number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {at})"
+                        ) from exc
+                    self._offset += len(raw)
+                    if self.number == 1:
+                        line = line.removeprefix("\ufeff")
+                    yield line.removesuffix("\n").removesuffix("\r")
+            except (OSError, EOFError, zlib.error) as exc:
+                raise InputError(f"{path}: corrupt gzip data: {exc}") from exc
+
+
+def _array_stream(lines: Iterator[str], first: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """Elements of a top-level JSON array with the line each starts on, decoded from a sliding buffer: the
+    array may be larger than memory (hh-rlhf's red_team_attempts is one array)."""
+    decoder = json.JSONDecoder()
+    buf, base, pos, done = first + "\n", 1, 0, False  # base: the file line of buf's first line
+    chunk = 1 << 16
+
+    def fill() -> bool:
+        nonlocal buf, done
+        if done:
+            return False
+        parts, size = [], 0
+        for line in lines:
+            parts.append(line + "\n")
+            size += len(line) + 1
+            if size >= chunk:
+                break
+        else:
+            done = True
+        buf += "".join(parts)
+        return bool(parts)
+
+    def skip() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not fill():
+                return
+
+    def line_at(at: int) -> int:
+        return base + buf.count("\n", 0, at)
+
+    fill()
+    pos = buf.index("[") + 1
+    skip()
+    if pos < len(buf) and buf[pos] == "]":
+        pos += 1
+        skip()
+        if pos < len(buf):
+            raise InputError(f"{path}:{line_at(pos)}: unexpected data after the JSON array")
+        return
+    while True:
+        if pos > chunk:  # drop what is decoded, keeping line numbers
+            base += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:], 0
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as exc:
+                if exc.pos >= len(buf) - 1 and fill():
+                    continue  # the element goes on past what is read so far
+                raise InputError(f"{path}:{line_at(exc.pos)}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+            except (ValueError, RecursionError) as exc:  # 5000-digit numbers, pathological nesting
+                raise InputError(f"{path}:{line_at(pos)}: invalid JSON: {str(exc)[:100]}") from exc
+        yield line_at(pos), obj
+        pos = end
+        skip()
+        if pos < len(buf) and buf[pos] == ",":
+            pos += 1
+            skip()
+            continue
+        if pos < len(buf) and buf[pos] == "]":
+            pos += 1
+            skip()
+            if pos < len(buf):
+                raise InputError(f"{path}:{line_at(pos)}: unexpected data after the JSON array")
+            return
+        raise InputError(f"{path}:{line_at(pos)}: invalid JSON: expected ',' or ']' in the array")
+
+
+def _line_records(lines: Iterator[str], first: tuple[int, str], number: Callable[[], int]) -> Iterator[tuple[int, Any]]:
+    for n, line in itertools.chain([first], ((number(), line) for line in lines)):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            msg = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)[:100]
+            yield n, InvalidLine(f"invalid JSON: {msg}")
+
+
+def iter_prompts(path: Path, on_bad_record: str = "error") -> Iterator[PromptRecord | BadRecord]:
+    """Every prompt of a file in order (duplicates kept), streamed: the file is never held in memory. A bad
+    record raises InputError naming its line, or with ``on_bad_record="skip"`` comes out as a BadRecord."""
+    source = str(path)
+    found = skipped = 0
+
+    def reject(line: int, reason: str) -> BadRecord:
+        nonlocal skipped
         if on_bad_record != "skip":
             raise InputError(f"{path}:{line}: {reason}")
-        bad.append(BadRecord(source, line, reason))
+        skipped += 1
+        return BadRecord(source, line, reason)
 
+    reader = _Lines(path, "prompts")
+    lines = iter(reader)
     kind = _format_of(path)
     if kind == ".txt":
-        for number, raw in enumerate(lines_of(text), start=1):
+        for raw in lines:
             if raw.strip():
-                prompts.append(PromptRecord(raw.strip(), source, number))
+                found += 1
+                yield PromptRecord(raw.strip(), source, reader.number)
     elif kind == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        if "prompt" not in fields:
-            raise InputError(f"{path}:1: CSV header has no 'prompt' column (columns: {reader.fieldnames})")
-        column = (reader.fieldnames or [])[fields.index("prompt")]
+        rows = csv.reader(line + "\n" for line in lines)
         try:
-            start = reader.line_num + 1
-            for row in reader:
-                value = (row.get(column) or "").strip()
+            header = next(rows, None) or []
+            fields = [f.strip().lower() for f in header]
+            if "prompt" not in fields:
+                raise InputError(f"{path}:1: CSV header has no 'prompt' column (columns: {header or None})")
+            column = fields.index("prompt")
+            start = reader.number + 1
+            for row in rows:
+                value = (row[column] if column < len(row) else "").strip()
                 if value:
-                    prompts.append(PromptRecord(value, source, start))
-                else:
-                    reject(start, "empty 'prompt' cell")
-                start = reader.line_num + 1
+                    found += 1
+                    yield PromptRecord(value, source, start)
+                elif row:  # a blank line is no row
+                    yield reject(start, "empty 'prompt' cell")
+                start = reader.number + 1
         except csv.Error as exc:
-            raise InputError(f"{path}:{reader.line_num}: invalid CSV: {exc}") from exc
+            raise InputError(f"{path}:{reader.number}: invalid CSV: {exc}") from exc
     else:
-        if not text.strip():
+        first = next((line for line in lines if line.strip()), None)
+        if first is None:
             raise InputError(f"{path}: file is empty, expected prompts")
-        for line, obj in _records(text, path):
+        records = (
+            _array_stream(lines, first, path)
+            if first.lstrip().startswith("[")
+            else _line_records(lines, (reader.number, first), lambda: reader.number)
+        )
+        for line, obj in records:
             try:
                 if isinstance(obj, InvalidLine):
                     raise obj
-                prompts.append(PromptRecord(_prompt_from_record(obj), source, line))
+                prompt = _prompt_from_record(obj)
             except ValueError as exc:
-                reject(line, str(exc))
-    if not prompts:
-        raise InputError(f"{path}: no prompts found" + (f" ({len(bad)} bad records skipped)" if bad else ""))
+                yield reject(line, str(exc))
+                continue
+            found += 1
+            yield PromptRecord(prompt, source, line)
+    if not found:
+        raise InputError(f"{path}: no prompts found" + (f" ({skipped} bad records skipped)" if skipped else ""))
+
+
+def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptRecord], list[BadRecord]]:
+    """All prompts of a file in order (duplicates kept), and the bad records skipped; for small files."""
+    prompts: list[PromptRecord] = []
+    bad: list[BadRecord] = []
+    for record in iter_prompts(path, on_bad_record):
+        if isinstance(record, PromptRecord):
+            prompts.append(record)
+        else:
+            bad.append(record)
     return prompts, bad
 
 

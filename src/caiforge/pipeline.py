@@ -13,7 +13,8 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +26,7 @@ from .config import RunConfig
 from .engine import Stats
 from .errors import InputError, RunAborted
 from .export import dataset_of, format_files
-from .inputs import BadRecord, check_blend_files, read_constitution, read_prompts
+from .inputs import BadRecord, PromptRecord, check_blend_files, iter_prompts, read_constitution
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import FAILURES_FILE, write_atomic, write_files
@@ -119,11 +120,20 @@ def versions() -> dict[str, str]:
 
 @dataclass(frozen=True, kw_only=True)
 class Inputs:
-    prompts: list[str]  # unique, in first-seen order
+    """What the inputs hold; the prompts themselves stream from the file into the store, never into a list."""
+
+    path: Path
     records: int  # good records read, duplicates included
     bad: list[BadRecord]
     constitution: str
     principles: tuple[str, ...] = ()
+    unique: int = 0  # once stored: prompts after duplicates are merged (by the hash of their text)
+
+    def prompts(self, on_bad_record: str) -> Iterator[tuple[str, str]]:
+        """(id, text) of every good record, duplicates included, read again from the file."""
+        for record in iter_prompts(self.path, on_bad_record):
+            if isinstance(record, PromptRecord):
+                yield prompt_id(record.text), record.text
 
 
 def load_judging(cfg: RunConfig) -> tuple[str, tuple[str, ...]]:
@@ -151,12 +161,17 @@ def judge_spec(cfg: RunConfig, constitution: str, principles: tuple[str, ...]) -
 
 def load_inputs(cfg: RunConfig) -> Inputs:
     """Read and check every input file; raises InputError before any request is sent."""
-    found, bad = read_prompts(cfg.prompts_path or bundled.path(bundled.PROMPTS), cfg.on_bad_record)
+    path = cfg.prompts_path or bundled.path(bundled.PROMPTS)
+    records, bad = 0, []
+    for record in iter_prompts(path, cfg.on_bad_record):  # a first pass checks every record, in constant memory
+        if isinstance(record, PromptRecord):
+            records += 1
+        else:
+            bad.append(record)
     constitution, principles = load_judging(cfg)
     if cfg.blend_with is not None:
         check_blend_files(cfg.blend_with.splits)
-    unique = list(dict.fromkeys(r.text for r in found))
-    return Inputs(prompts=unique, records=len(found), bad=bad, constitution=constitution, principles=principles)
+    return Inputs(path=path, records=records, bad=bad, constitution=constitution, principles=principles)
 
 
 def describe(cfg: RunConfig) -> str:
@@ -218,12 +233,11 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     prepare_output_dir(cfg.output_dir)  # a bad input, output folder included, stops before any request
     spec = judge_spec(cfg, inputs.constitution, inputs.principles)
     settings = rlcai.Settings(temperatures=cfg.temperatures, judge=spec)
-    items = [(prompt_id(p), p) for p in inputs.prompts]
     async with Session(cfg, {role: role for role in rlcai.ROLES}, cfg.public_dict(), fresh) as session:
         store, engine = session.store, session.engine
         for bad in inputs.bad:
             store.put_failure(stage="input", reason="bad record", detail=bad.reason, source=bad.source, line=bad.line)
-        store.set_prompts(items)
+        inputs = replace(inputs, unique=store.set_prompts(inputs.prompts(cfg.on_bad_record)))
         descriptor = RunDescriptor(
             pipeline=rlcai.NAME,
             settings=settings.describe(),
@@ -233,7 +247,8 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         )
         descriptor.save(store)
         run_key = descriptor.key()
-        session.show_progress(rlcai.totals(settings, len(items)))
+        items = store.pending(run_key)  # finished prompts are not asked again, even from the store
+        session.show_progress(rlcai.totals(settings, store.count_pending(run_key)))
         pipeline = rlcai.RlCai(settings, {r: engine.asker(r) for r in rlcai.ROLES}, session.progress.advance)
         rate = FailureRate(cfg.max_failure_rate)
         window = 2 * engine.capacity()  # prompts in flight: enough to keep every endpoint full, and no more
@@ -292,7 +307,7 @@ def write_run(
     failures = data.failures()
     pairs = data.pairs
     write_files(cfg.output_dir, files)
-    n = len(inputs.prompts)
+    n = inputs.unique
     split_counts = {name: len(ids) for name, ids in splits.items()}
     counts: dict[str, Any] = {
         "input_records": inputs.records,

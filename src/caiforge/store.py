@@ -247,15 +247,43 @@ class Store:
         )
 
     # -- what the run is ----------------------------------------------------------------------------------
-    def set_prompts(self, prompts: Iterable[tuple[str, str]]) -> None:
-        """This attempt's prompts as (id, text), in input order: they replace the last attempt's."""
+    def set_prompts(self, prompts: Iterable[tuple[str, str]]) -> int:
+        """This attempt's prompts as (id, text), in input order, streamed: they replace the last attempt's. A
+        repeated id (the same text) keeps its first position. Returns how many unique prompts there are."""
         self.commit()
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("DELETE FROM prompts")
             self.db.executemany(
-                "INSERT INTO prompts VALUES (?, ?, ?)", ((pid, i, text) for i, (pid, text) in enumerate(prompts))
+                "INSERT OR IGNORE INTO prompts VALUES (?, ?, ?)",
+                ((pid, i, text) for i, (pid, text) in enumerate(prompts)),
             )
+        return int(self.db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+
+    def pending(self, run_key: str, chunk: int = 1000) -> Iterator[tuple[str, str]]:
+        """(id, text) of every prompt without a pair under ``run_key`` (none yet, or a failure to try again), in
+        input order, read a chunk at a time: a resumed run starts where it stopped, in constant memory."""
+        last = -1
+        while True:
+            rows = self.db.execute(
+                "SELECT p.id, p.text, p.position FROM prompts p "
+                "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
+                "WHERE p.position > ? AND (r.status IS NULL OR r.status = 'failure') ORDER BY p.position LIMIT ?",
+                (run_key, last, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            for pid, text, _ in rows:
+                yield pid, text
+            last = rows[-1][2]
+
+    def count_pending(self, run_key: str) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM prompts p LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
+            "WHERE r.status IS NULL OR r.status = 'failure'",
+            (run_key,),
+        ).fetchone()
+        return int(row[0])
 
     def set_descriptor(self, key: str, data: dict[str, Any]) -> None:
         # Key order is kept: the config's split ratios are ordered, and the order decides the assignment.
