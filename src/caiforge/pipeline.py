@@ -70,12 +70,16 @@ class RunResult:
         else:
             lines.append("  failures: 0")
         for role in rlcai.ROLES:
-            conc = s.concurrency.get(role, {})
+            conc = s.concurrency.get(role)
+            settled = (
+                f"; concurrency settled at {conc.get('limit', 0)} (lowest {conc.get('lowest', 0)}, ceiling "
+                f"{conc.get('ceiling', 0)}, peak {conc.get('peak_in_flight', 0)} in flight)"
+                if conc
+                else ""
+            )
             lines.append(
                 f"  {role} requests: {s.requests[role]} sent, {s.retries[role]} retried, "
-                f"{s.cached[role]} reused from {DB_NAME}; concurrency settled at {conc.get('limit', 0)} "
-                f"(lowest {conc.get('lowest', 0)}, ceiling {conc.get('ceiling', 0)}, "
-                f"peak {conc.get('peak_in_flight', 0)} in flight)"
+                f"{s.cached[role]} reused from {DB_NAME}{settled}"
             )
             endpoints = s.endpoints.get(role, [])
             if len(endpoints) > 1:
@@ -277,6 +281,8 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
             engine.stats.failures = rate.failures
             session.progress.close()  # before the summary is printed
             await engine.aclose()  # settles the concurrency figures the manifest reports
+            if cfg.engine == "ray":  # the driver's engine sent nothing: its figures would mislead
+                engine.stats.concurrency, engine.stats.endpoints = {}, {}
         endpoint_report, adapted = session.adaptations()
         notes = session.notes + adapted
         endpoint_report["notes"] = notes

@@ -82,13 +82,13 @@ class _BatchCache:
         batch[key] = (role, reply)
 
 
-def _share(cfg: RunConfig, made: Mapping[str, Backend], actors: int) -> RunConfig:
+def _share(cfg: RunConfig, made: Mapping[str, list[Backend]], actors: int) -> RunConfig:
     """Each actor's part of every endpoint's concurrency and pace: the flags are totals, as in a local run, so
     adding actors spreads the client work without sending an endpoint more than it was given."""
     update: dict[str, Any] = {}
     for role, section in ROLES.items():
         s = getattr(cfg, section)
-        total = s.concurrency or made[role].default_concurrency
+        total = s.concurrency or made[role][0].default_concurrency
         update[section] = s.model_copy(
             update={"concurrency": max(1, math.ceil(total / actors)), "rpm": s.rpm / actors if s.rpm else None}
         )
@@ -124,7 +124,7 @@ class PromptWorker:
         self._cfg, self._settings, self._actors = cfg, settings, actors
         self._driver_node, self._store_path = driver_node, Path(store_path)
         self._engine: Engine | None = None
-        self._made: dict[str, Backend] = {}
+        self._made: dict[str, list[Backend]] = {}
         self._store: Store | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting = asyncio.Lock()
@@ -137,11 +137,13 @@ class PromptWorker:
             if self._engine is None:
                 self._loop = asyncio.get_running_loop()
                 self._made = session.make_backends(self._cfg, ROLES)
-                await session.check_endpoints(self._made, quiet=True)
+                _, down = await session.check_endpoints(self._made, quiet=True)
                 here = ray.get_runtime_context().get_node_id() == self._driver_node
                 self._store = Store(self._store_path) if here and self._store_path.exists() else None
                 cfg = _share(self._cfg, self._made, self._actors)
                 self._engine = session.make_engine(cfg, ROLES, self._made, _BatchCache(self._store))
+                for backend in down:
+                    self._engine.rest(backend)
             return self._engine
 
     async def _close(self) -> None:
@@ -149,7 +151,7 @@ class PromptWorker:
             if self._engine is not None:
                 await self._engine.aclose()
         finally:
-            for backend in {id(b): b for b in self._made.values()}.values():
+            for backend in {id(b): b for bs in self._made.values() for b in bs}.values():
                 await backend.aclose()
             if self._store is not None:
                 self._store.close()
