@@ -19,7 +19,7 @@ MANIFEST_FILE = "manifest.json"
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
 
 class Counts(_Lenient):

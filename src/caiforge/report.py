@@ -13,11 +13,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from .candidates import candidate_key, candidate_label, temperature_of
 from .errors import InputError
@@ -29,6 +25,9 @@ PLOTS_DIR = "report"
 NO_PAIRS = "Skipped because the run has no pairs."
 CHOSEN_COLOUR, REJECTED_COLOUR = "#4c72b0", "#dd8452"
 ROLES = ("policy", "judge")
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 CHOICES = ("chosen", "rejected")
 
 
@@ -115,7 +114,11 @@ def _skip(plots: Path, name: str, reason: str) -> str:
 
 
 def _axes(width: float = 7, height: float = 4, counts: str = "y") -> tuple[Figure, Any]:
-    """A figure of its own (no pyplot state); the ``counts`` axis gets whole-number ticks."""
+    """A figure of its own (no pyplot state); the ``counts`` axis gets whole-number ticks. matplotlib is imported
+    here, at the first plot: it costs 0.4 s, which no command but the report should pay."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     getattr(ax, f"{counts}axis").set_major_locator(MaxNLocator(integer=True))
@@ -138,6 +141,8 @@ def _save(fig: Figure, plots: Path, name: str, alt: str) -> str:
 
 def _bars(ax: Any, labels: list[str], first: list[int], second: list[int], names: tuple[str, str]) -> None:
     """Two series side by side per label (chosen/rejected, or tokens in/out)."""
+    import numpy as np
+
     x = np.arange(len(labels))
     ax.bar(x - 0.2, first, 0.4, label=names[0], color=CHOSEN_COLOUR)
     ax.bar(x + 0.2, second, 0.4, label=names[1], color=REJECTED_COLOUR)
@@ -297,6 +302,8 @@ def _lengths(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     chosen = [len(str(p.get("chosen") or "").split()) for p in pairs]
     rejected = [len(str(p.get("rejected") or "").split()) for p in pairs]
     both = chosen + rejected
+    import numpy as np
+
     bins = np.histogram_bin_edges(both, bins=max(1, min(20, len(set(both)))))
     fig, ax = _axes()
     ax.hist(chosen, bins=bins, alpha=0.6, label="chosen", color=CHOSEN_COLOUR)
@@ -367,6 +374,8 @@ def _chosen_prob(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     if not probs:
         (plots / name).unlink(missing_ok=True)
         return []
+    import numpy as np
+
     fig, ax = _axes(6)
     ax.hist(probs, bins=np.linspace(0, 1, 11), color=CHOSEN_COLOUR)
     ax.set(xlabel="chosen_prob", ylabel="pairs", title=title)

@@ -9,8 +9,6 @@ The API key is redacted from every message this module produces.
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import errno
 import json
 import re
@@ -46,6 +44,8 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
+        import email.utils  # rare: only a Retry-After given as a date
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
@@ -158,7 +158,9 @@ class HttpClient:
         payload: dict[str, Any] | None = None,
         timeout: Timeout | None = None,
     ) -> dict[str, Any]:
-        import aiohttp  # a lookup in sys.modules once loaded: what the except clauses below name
+        import asyncio  # lookups in sys.modules once loaded: what the except clauses below name
+
+        import aiohttp
 
         timeout = timeout or self._timeout
         try:
