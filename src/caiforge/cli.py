@@ -145,7 +145,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     jg.add_argument("--judge-model", "--ngc-model", dest="judge_model", default=s)
     jg.add_argument("--ngc-api-key", default=s, help="prefer the NGC_API_KEY environment variable")
-    jg.add_argument("--judge-concurrency", type=int, default=s, help="judge requests in flight (32 remote, 1 local)")
+    jg.add_argument("--judge-concurrency", type=int, default=s, help="judge requests in flight (64 remote, 1 local)")
     jg.add_argument("--judge-max-tokens", type=int, default=s)
     jg.add_argument(
         "--judge-mode",

@@ -79,7 +79,7 @@ class JudgeConfig(_Frozen):
     urls: tuple[str, ...] = ()  # every endpoint (--judge-url repeated)
     model: str = DEFAULT_JUDGE_MODEL
     api_key: SecretStr | None = None
-    concurrency: int | None = Field(None, ge=1)  # None: the backend's default (32 remote, 1 local)
+    concurrency: int | None = Field(None, ge=1)  # None: the backend's default (64 remote, 1 local)
     rpm: float | None = Field(None, gt=0)
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0.0)

@@ -137,6 +137,9 @@ class EndpointSettings:
     backoff_base: float = 0.5
     backoff_max: float = 60.0
     linger: float = 0.02  # how long a partial batch waits for company
+    # Slow start's first window, doubled each round trip until a sign of congestion: 32 reaches a vLLM
+    # server's hundreds in three round trips (from 4, 128 prompts at 200 ms took 5.4 s instead of 2).
+    start: int = 32
     failures_to_rest: int = 5  # errors in a row (5xx, timeouts) after which one of several endpoints is rested
     rest_base: float = 1.0  # the first rest, in seconds; doubled at each rest in a row
     rest_max: float = 30.0
@@ -165,7 +168,7 @@ class _Endpoint:
         self.backend, self.settings = backend, settings
         self.address = str(getattr(backend, "url", backend.kind))
         self.limiter = Limiter(settings.concurrency)
-        self.aimd = Aimd(self.limiter, self.limiter.limit) if settings.adaptive else None
+        self.aimd = Aimd(self.limiter, self.limiter.limit, start=settings.start) if settings.adaptive else None
         self.pacer = Pacer(settings.rpm)
         self.errors_in_row = 0
         self.rest_until = 0.0  # loop time before which no request is sent here

@@ -102,14 +102,16 @@ def top_logprobs(choice: dict[str, Any]) -> TopLogprobs | None:
 
 
 class OpenAIBackend:
-    default_concurrency = 64
+    default_concurrency = 256
 
     def __init__(self, options: OpenAIOptions, transport: Transport | None = None) -> None:
         self.o = options
         self.kind = options.kind
         self.url = options.url
         self.capabilities = Capabilities(logprobs=options.chat, json_schema=options.chat)
-        self.default_concurrency = 64 if options.role == "policy" else 32
+        # A vLLM or NIM server takes hundreds at once (the adaptive limit backs off where one does not); a hosted
+        # judge is rate-limited, and the limit halves on its 429s.
+        self.default_concurrency = 256 if options.role == "policy" else 64
         key = options.api_key.get_secret_value() if options.api_key else None
         self._http = HttpClient(options.timeout, key, transport)
         self._adapter = EndpointAdapter(options.role, self.url, structured=options.structured)

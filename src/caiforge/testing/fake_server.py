@@ -407,8 +407,8 @@ class FakeServer:
         if cfg.hold is not None:
             while not cfg.hold.is_set():
                 await asyncio.sleep(0.005)
-        delay = cfg.latency
-        if cfg.jitter > 0:
+        delay = cfg.latency if request.method != "GET" else 0.0  # generating takes time; listing models does not
+        if cfg.jitter > 0 and delay:
             with self._lock:
                 delay += self._jitter_rng.uniform(0, cfg.jitter)
         rec.delay = delay
