@@ -360,6 +360,18 @@ def iter_prompts(path: Path, on_bad_record: str = "error") -> Iterator[PromptRec
         raise InputError(f"{path}: no prompts found" + (f" ({skipped} bad records skipped)" if skipped else ""))
 
 
+def json_array(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """(line, element) of a file holding one JSON array, streamed: for outputs larger than memory."""
+    reader = _Lines(path, what)
+    lines = iter(reader)
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise InputError(f"{path}: file is empty, expected a JSON array")
+    if not first.lstrip().startswith("["):
+        raise InputError(f"{path}:{reader.number}: expected a JSON array")
+    yield from _array_stream(lines, first, path)
+
+
 def read_prompts(path: Path, on_bad_record: str = "error") -> tuple[list[PromptRecord], list[BadRecord]]:
     """All prompts of a file in order (duplicates kept), and the bad records skipped; for small files."""
     prompts: list[PromptRecord] = []

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from array import array
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .candidates import candidate_key, candidate_label, temperature_of
 from .errors import InputError
+from .inputs import json_array
 from .manifest import Manifest
 from .outputs import FAILURES_FILE, PREFERENCES_FILE, write_atomic
 
@@ -55,17 +58,57 @@ def write_report(output_dir: Path) -> Path:
     return path
 
 
-def _load_pairs(path: Path) -> list[dict[str, Any]]:
+@dataclass
+class Tally:
+    """What the report needs of the pairs, counted in one streamed pass: a million pairs cost a few counters,
+    not a million dicts (the preference file is one JSON array, read a piece at a time)."""
+
+    n: int = 0
+    chosen: Counter[Any] = field(default_factory=Counter)  # by candidate key
+    rejected: Counter[Any] = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)  # candidate keys seen in the data
+    positions: Counter[tuple[int, int, int]] = field(default_factory=Counter)  # (chosen, rejected, shown)
+    flagged: int = 0  # kept pairs marked inconsistent
+    chosen_words: Counter[int] = field(default_factory=Counter)
+    rejected_words: Counter[int] = field(default_factory=Counter)
+    longer: int = 0
+    ties: int = 0
+    probs: array[float] = field(default_factory=lambda: array("d"))
+
+    def add(self, pair: dict[str, Any]) -> None:
+        self.n += 1
+        raw = _raw(pair)
+        ck, rk = raw.get("chosen_response_key"), raw.get("rejected_response_key")
+        self.chosen[ck] += 1
+        self.rejected[rk] += 1
+        self.seen.update(raw.get("all_responses") or {})
+        self.seen.update(k for k in (ck, rk) if k)
+        c, r = raw.get("chosen_position"), raw.get("rejected_position")
+        if isinstance(c, int) and isinstance(r, int) and _is_int(c) and _is_int(r):
+            self.positions[(c, r, len(raw.get("judge_order") or raw.get("all_responses") or ()) or max(c, r))] += 1
+        self.flagged += raw.get("consistent") is False
+        cw, rw = len(str(pair.get("chosen") or "").split()), len(str(pair.get("rejected") or "").split())
+        self.chosen_words[cw] += 1
+        self.rejected_words[rw] += 1
+        self.longer += cw > rw
+        self.ties += cw == rw
+        v = pair.get("chosen_prob")
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            self.probs.append(float(v))
+
+
+def _load_pairs(path: Path) -> Tally:
     """A missing dataset reads as no pairs (the run may have judged nothing); a corrupt one is an input error."""
+    tally = Tally()
     if not path.exists():
-        return []
+        return tally
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise ValueError("not a JSON list")
-    except (OSError, ValueError) as exc:
+        for _, pair in json_array(path, "preference dataset"):
+            if isinstance(pair, dict):
+                tally.add(pair)
+    except InputError as exc:
         raise InputError(f"{path}: cannot read the preference dataset: {exc}") from exc
-    return [pair for pair in data if isinstance(pair, dict)]
+    return tally
 
 
 def _failure_counts(path: Path, manifest: Manifest) -> Counter[str]:
@@ -175,14 +218,10 @@ def _summary(manifest: Manifest, failures: Counter[str]) -> list[str]:
     return _section("Summary", "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]))
 
 
-def _temperature_keys(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
+def _temperature_keys(pairs: Tally, manifest: Manifest) -> list[str]:
     """Config order first (it is the run's), then any other key seen in the data, by temperature."""
     keys = [candidate_key(t) for t in manifest.config.get("temperatures") or []]
-    seen: set[str] = set()
-    for pair in pairs:
-        raw = _raw(pair)
-        seen.update(raw.get("all_responses") or {})
-        seen.update(k for k in (raw.get("chosen_response_key"), raw.get("rejected_response_key")) if k)
+    seen = pairs.seen
 
     def order(key: str) -> tuple[float, str]:
         t = temperature_of(key)
@@ -191,19 +230,18 @@ def _temperature_keys(pairs: list[dict[str, Any]], manifest: Manifest) -> list[s
     return keys + sorted(seen - set(keys), key=order)
 
 
-def _temperatures(pairs: list[dict[str, Any]], manifest: Manifest, plots: Path) -> list[str]:
+def _temperatures(pairs: Tally, manifest: Manifest, plots: Path) -> list[str]:
     """Which temperature wins and loses: a judge that always picks the coldest answer is worth knowing about."""
     name, title = "temperatures.png", "Chosen and rejected by temperature"
     keys = _temperature_keys(pairs, manifest)
-    if not pairs or not keys:
+    if not pairs.n or not keys:
         return _section(title, _skip(plots, name, NO_PAIRS))
-    chosen = Counter(_raw(p).get("chosen_response_key") for p in pairs)
-    rejected = Counter(_raw(p).get("rejected_response_key") for p in pairs)
+    chosen, rejected = pairs.chosen, pairs.rejected
     fig, ax = _axes()
     _bars(ax, [_label(k) for k in keys], [chosen[k] for k in keys], [rejected[k] for k in keys], CHOICES)
     ax.set(xlabel="candidate", ylabel="pairs", title=title)
     figure = _save(fig, plots, name, title)
-    best, worst, n = max(keys, key=lambda k: chosen[k]), max(keys, key=lambda k: rejected[k]), len(pairs)
+    best, worst, n = max(keys, key=lambda k: chosen[k]), max(keys, key=lambda k: rejected[k]), pairs.n
     return _section(
         title,
         figure,
@@ -212,46 +250,46 @@ def _temperatures(pairs: list[dict[str, Any]], manifest: Manifest, plots: Path) 
     )
 
 
-def _positions(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+def _positions(pairs: Tally, plots: Path) -> list[str]:
     """Position bias: small judges often name the first response whatever it says."""
     name, title = "positions.png", "Position in the judge prompt"
-    if not pairs:
+    if not pairs.n:
         return _section(title, _skip(plots, name, NO_PAIRS))
-    rows: list[tuple[int, int, int]] = []
-    for pair in pairs:
-        raw = _raw(pair)
-        c, r = raw.get("chosen_position"), raw.get("rejected_position")
-        if isinstance(c, int) and isinstance(r, int) and _is_int(c) and _is_int(r):
-            rows.append((c, r, len(raw.get("judge_order") or raw.get("all_responses") or ()) or max(c, r)))
+    rows = pairs.positions  # (chosen, rejected, shown) -> pairs
     if not rows:
         reason = "Skipped because the pairs do not record where the judge saw each response (`chosen_position`)."
         return _section(title, _skip(plots, name, reason))
     positions = list(range(1, max(max(row) for row in rows) + 1))
-    chosen, rejected = Counter(c for c, _, _ in rows), Counter(r for _, r, _ in rows)
+    chosen: Counter[int] = Counter()
+    rejected: Counter[int] = Counter()
+    for (c, r, _), k in rows.items():
+        chosen[c] += k
+        rejected[r] += k
     fig, ax = _axes()
     _bars(ax, [str(p) for p in positions], [chosen[p] for p in positions], [rejected[p] for p in positions], CHOICES)
     sizes = {n for _, _, n in rows}
+    m = sum(rows.values())
     if len(sizes) == 1:
-        ax.axhline(len(rows) / min(sizes), color="grey", linestyle="--", label="unbiased")
+        ax.axhline(m / min(sizes), color="grey", linestyle="--", label="unbiased")
         ax.legend()
     ax.set(xlabel="position shown to the judge", ylabel="pairs", title=title)
     figure = _save(fig, plots, name, title)
-    m, first = len(rows), chosen[1]
-    last = sum(1 for _, r, n in rows if r == n)
+    first = chosen[1]
+    last = sum(k for (_, r, n), k in rows.items() if r == n)
     if len(sizes) == 1:
         unbiased = f"{_pct(1, min(sizes))} (1/{min(sizes)})"
     else:
-        unbiased = f"{_pct(sum(1 / n for _, _, n in rows), m)} on average (1/n per pair)"
+        unbiased = f"{_pct(sum(k / n for (_, _, n), k in rows.items()), m)} on average (1/n per pair)"
     text = (
         f"The chosen response stood first in the judge prompt in {_pct(first, m)} of pairs ({first} of {m}); "
         f"an unbiased judge would give {unbiased}. The rejected response stood last in {_pct(last, m)}."
     )
-    if m < len(pairs):
-        text += f" Only {m} of {len(pairs)} pairs record positions."
+    if m < pairs.n:
+        text += f" Only {m} of {pairs.n} pairs record positions."
     return _section(title, figure, text)
 
 
-def _consistency(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
+def _consistency(pairs: Tally, manifest: Manifest) -> list[str]:
     """Agreement between two passes in opposite orders is the cheapest check that the judge reads the answers."""
     counts, title = manifest.counts, "Consistency"
     rate = counts.consistency_rate
@@ -265,9 +303,8 @@ def _consistency(pairs: list[dict[str, Any]], manifest: Manifest) -> list[str]:
         text += f"; {inconsistent} prompt{'s were' if inconsistent != 1 else ' was'} inconsistent."
     else:
         text += "."
-    flagged = sum(1 for p in pairs if _raw(p).get("consistent") is False)
-    if flagged:
-        text += f" {flagged} of the {len(pairs)} pairs kept are marked inconsistent."
+    if pairs.flagged:
+        text += f" {pairs.flagged} of the {pairs.n} pairs kept are marked inconsistent."
     return _section(title, text)
 
 
@@ -294,30 +331,28 @@ def _failures(failures: Counter[str], plots: Path) -> list[str]:
     )
 
 
-def _lengths(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+def _lengths(pairs: Tally, plots: Path) -> list[str]:
     """Verbosity bias: judges tend to prefer the longer answer whatever it says."""
     name, title = "lengths.png", "Response lengths"
-    if not pairs:
+    if not pairs.n:
         return _section(title, _skip(plots, name, NO_PAIRS))
-    chosen = [len(str(p.get("chosen") or "").split()) for p in pairs]
-    rejected = [len(str(p.get("rejected") or "").split()) for p in pairs]
-    both = chosen + rejected
+    chosen, rejected = pairs.chosen_words, pairs.rejected_words  # words -> responses
+    both = sorted(set(chosen) | set(rejected))
     import numpy as np
 
-    bins = np.histogram_bin_edges(both, bins=max(1, min(20, len(set(both)))))
+    bins = np.histogram_bin_edges(both, bins=max(1, min(20, len(both))))  # edges depend on min, max and count
     fig, ax = _axes()
-    ax.hist(chosen, bins=bins, alpha=0.6, label="chosen", color=CHOSEN_COLOUR)
-    ax.hist(rejected, bins=bins, alpha=0.6, label="rejected", color=REJECTED_COLOUR)
+    for counts, label, colour in ((chosen, "chosen", CHOSEN_COLOUR), (rejected, "rejected", REJECTED_COLOUR)):
+        ax.hist(list(counts), bins=bins, weights=list(counts.values()), alpha=0.6, label=label, color=colour)
     ax.set(xlabel="words", ylabel="responses", title=title)
     ax.legend()
     figure = _save(fig, plots, name, title)
-    n = len(pairs)
-    longer = sum(1 for c, r in zip(chosen, rejected, strict=True) if c > r)
-    ties = sum(1 for c, r in zip(chosen, rejected, strict=True) if c == r)
+    n, longer, ties = pairs.n, pairs.longer, pairs.ties
+    mean_chosen = sum(w * k for w, k in chosen.items()) / n
+    mean_rejected = sum(w * k for w, k in rejected.items()) / n
     text = (
         f"The chosen response is longer in {_pct(longer, n)} of pairs ({longer} of {n}; 50% is neutral, more "
-        f"suggests a verbosity bias). Mean length: {sum(chosen) / n:.1f} words chosen, "
-        f"{sum(rejected) / n:.1f} rejected."
+        f"suggests a verbosity bias). Mean length: {mean_chosen:.1f} words chosen, {mean_rejected:.1f} rejected."
     )
     if ties:
         text += f" {ties} pair{'s' if ties != 1 else ''} tie."
@@ -367,10 +402,10 @@ def _usage(manifest: Manifest, plots: Path) -> list[str]:
     return _section(title, *body)
 
 
-def _chosen_prob(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
+def _chosen_prob(pairs: Tally, plots: Path) -> list[str]:
     """How sure the judge was, when it reported a probability; absent in runs that did not ask for one."""
     name, title = "chosen_prob.png", "Judge confidence"
-    probs = [float(v) for p in pairs if isinstance(v := p.get("chosen_prob"), int | float) and not isinstance(v, bool)]
+    probs = pairs.probs
     if not probs:
         (plots / name).unlink(missing_ok=True)
         return []
@@ -382,6 +417,6 @@ def _chosen_prob(pairs: list[dict[str, Any]], plots: Path) -> list[str]:
     return _section(
         title,
         _save(fig, plots, name, title),
-        f"The mean chosen_prob is {sum(probs) / len(probs):.2f} over {len(probs)} of {len(pairs)} pairs "
+        f"The mean chosen_prob is {sum(probs) / len(probs):.2f} over {len(probs)} of {pairs.n} pairs "
         f"(min {min(probs):.2f}, max {max(probs):.2f}).",
     )
