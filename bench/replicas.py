@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--servers", type=int, nargs="*", default=[1, 2, 4])
     args = ap.parse_args()
-    print("| servers | wall s | prompts/s | ideal prompts/s | of ideal | 429s retried | requests per server (policy, judge) |")
+    print("| servers | wall s | prompts/s | ideal | of ideal | 429s retried | requests per server (policy, judge) |")
     print("|---|---|---|---|---|---|---|")
     for n in args.servers:
         with tempfile.TemporaryDirectory() as tmp:
