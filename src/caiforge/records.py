@@ -3,12 +3,14 @@
 The run descriptor says what the results were made under (pipeline, temperatures, judge spec, each
 endpoint's identity, the config); :func:`records` yields, in input order, a :class:`PairRecord` or a
 :class:`FailureRecord` for every prompt that has an outcome under that descriptor, after the failures that
-belong to no prompt (bad input records). Output writers are pure functions of these records.
+belong to no prompt (bad input records), one row at a time; :func:`pairs_of` reads given pairs in a given
+order (a split's), a batch at a time. Output writers are pure functions of these records, which they see one at
+a time, so no output needs the run in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -149,6 +151,30 @@ def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[R
         if result.data is None:
             continue
         yield PairRecord.from_json(result.data) if result.status == "pair" else FailureRecord.from_json(result.data)
+
+
+PAIRS_BATCH = 500  # ids per query: well under SQLite's 32,766 host parameters, and few records held at once
+
+
+def pairs_of(store: Store, descriptor: RunDescriptor, ids: Iterable[str]) -> Iterator[PairRecord]:
+    """The pairs of ``ids``, in that order (a split's rank order), read a batch at a time: random reads by
+    primary key, so writing a split never holds more than one batch of records."""
+    key, batch = descriptor.key(), []
+    for pid in ids:
+        batch.append(pid)
+        if len(batch) == PAIRS_BATCH:
+            yield from _batch(store, key, batch)
+            batch = []
+    yield from _batch(store, key, batch)
+
+
+def _batch(store: Store, key: str, ids: list[str]) -> Iterator[PairRecord]:
+    found = {pid: data for pid, status, data in store.results_of(key, ids) if status == "pair"}
+    for pid in ids:
+        data = found.get(pid)
+        if data is None:
+            raise LookupError(f"prompt {pid} has no pair under this run's descriptor (the store changed?)")
+        yield PairRecord.from_json(data)
 
 
 def pending(store: Store, descriptor: RunDescriptor) -> int:

@@ -277,3 +277,17 @@ class Store:
             (attempt,),
         )
         yield from rows
+
+    # -- random reads, for output files in a split's order (#11) -----------------------------------------
+    def results_of(self, run_key: str, ids: list[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(prompt id, status, data) of these prompts' results under ``run_key``, in no particular order: one
+        query per batch of ids, so a split's files are written in its rank order without holding the run."""
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"SELECT prompt_id, status, data FROM results WHERE run_key = ? AND prompt_id IN ({marks})",
+            (run_key, *ids),
+        )
+        for pid, status, data in rows:
+            yield pid, status, json.loads(data)
