@@ -83,14 +83,13 @@ def test_every_pair_is_counted_once_and_no_prompt_is_in_two_splits(two_runs, tmp
 
 def test_leaks_are_moved_to_test_and_counted(two_runs, tmp_path):
     """Where the two runs split a shared prompt differently, every copy goes to test, and the count says so."""
-    from caiforge.export import read_run
+    from caiforge.export import dataset_of, open_run
+    from caiforge.records import records
 
     before = {}
     for run in two_runs:
-        stored = read_run(run)
-        from caiforge.export import dataset_of
-
-        data = dataset_of(stored.cfg, stored.records, blend=False)
+        with open_run(run) as stored:
+            data = dataset_of(stored.cfg, records(stored.store, stored.descriptor), blend=False)
         by_id = {p.prompt_id: p.prompt for p in data.pairs}
         for split, ids in data.assign_splits().items():
             for pid in ids:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, TypeVar
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 from .candidates import candidate_key
 from .records import PairRecord
@@ -61,17 +63,86 @@ def split_sizes(n: int, splits: dict[str, float]) -> dict[str, int]:
     return sizes
 
 
-def split(items: list[T], splits: dict[str, float], shuffle: bool, seed: int) -> dict[str, list[T]]:
-    """Deterministic split: the same items, ratios and seed always give the same splits (in this order)."""
-    order = list(range(len(items)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    out: dict[str, list[T]] = {}
+def shuffled(n: int, rng: random.Random) -> array[int]:
+    """``range(n)`` shuffled as ``rng.shuffle`` shuffles any list of ``n`` items (the permutation depends on the
+    length alone), in 8 bytes an index: the order a million lines will be written in, without the lines."""
+    order = array("q", range(n))
+    rng.shuffle(order)
+    return order
+
+
+def split_order(n: int, splits: dict[str, float], shuffle: bool, seed: int) -> Iterator[tuple[str, Sequence[int]]]:
+    """Each split's positions among ``n`` items, in the split's order: the one assignment behind :func:`split`."""
+    order: Sequence[int] = shuffled(n, random.Random(seed)) if shuffle else range(n)
     start = 0
-    for name, size in split_sizes(len(items), splits).items():
-        out[name] = [items[i] for i in order[start : start + size]]
+    for name, size in split_sizes(n, splits).items():
+        yield name, order[start : start + size]
         start += size
-    return out
+
+
+def split(items: Sequence[T], splits: dict[str, float], shuffle: bool, seed: int) -> dict[str, list[T]]:
+    """Deterministic split: the same items, ratios and seed always give the same splits (in this order)."""
+    return {name: [items[i] for i in part] for name, part in split_order(len(items), splits, shuffle, seed)}
+
+
+class Ids(Sequence[str]):
+    """Prompt ids in order, 8 bytes each: an id is 16 hex digits (``records.prompt_id``), kept as the number
+    it spells, so a million ids take 8 MB rather than 70. Any other id turns the whole sequence into a plain
+    list of strings (the same ids, the same order)."""
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._packed: array[int] | None = array("Q")
+        self._plain: list[str] = []
+        for pid in ids:
+            self.append(pid)
+
+    def append(self, pid: str) -> None:
+        if self._packed is not None:
+            try:
+                value = int(pid, 16)
+            except ValueError:
+                value = -1
+            if 0 <= value < 1 << 64 and f"{value:016x}" == pid:
+                self._packed.append(value)
+                return
+            self._plain, self._packed = list(self), None
+        self._plain.append(pid)
+
+    def take(self, positions: Iterable[int]) -> Ids:
+        """The ids at these positions, in this order (a split)."""
+        out = Ids()
+        if self._packed is None:
+            out._plain, out._packed = [self._plain[i] for i in positions], None
+        else:
+            out._packed = array("Q", (self._packed[i] for i in positions))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._plain) if self._packed is None else len(self._packed)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Ids: ...
+
+    def __getitem__(self, index: int | slice) -> str | Ids:
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        return self._plain[index] if self._packed is None else f"{self._packed[index]:016x}"
+
+    def __iter__(self) -> Iterator[str]:
+        if self._packed is None:
+            return iter(self._plain)
+        return (f"{value:016x}" for value in self._packed)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Ids({list(self)!r})"
 
 
 def format_pair(template: PromptTemplate, pair: PairRecord) -> tuple[str, str, str] | str:
@@ -109,15 +180,20 @@ def _lines(text: str) -> list[str]:
     return [line.rstrip("\r") + "\n" for line in text.split("\n") if line.strip()]
 
 
+def blend_units(texts: list[str], kind: str) -> list[list[str]]:
+    """The lines of each text as the blend moves them: one line a prompt, a (chosen, rejected) pair a
+    comparison."""
+    if kind == "prompts":
+        return [[line] for text in texts for line in _lines(text)]
+    units = []
+    for text in texts:
+        lines = _lines(text)
+        units += [lines[i : i + 2] for i in range(0, len(lines), 2)]
+    return units
+
+
 def blend(external: list[str], own: str, kind: str, rng: random.Random) -> str:
     """The seed's blend: all lines shuffled; for comparisons, (chosen, rejected) line pairs stay together."""
-    texts = [*external, own]
-    if kind == "prompts":
-        units = [[line] for text in texts for line in _lines(text)]
-    else:
-        units = []
-        for text in texts:
-            lines = _lines(text)
-            units += [lines[i : i + 2] for i in range(0, len(lines), 2)]
+    units = blend_units([*external, own], kind)
     rng.shuffle(units)
     return "".join(line for unit in units for line in unit)

@@ -6,12 +6,18 @@ by a split goes to that split, any other file is split by the first run's ratios
 splits is a leak: all its rows move to one split (test wins, then the later split) and the moves are counted.
 Rows are pairs, so chosen and rejected never part. The result is a :class:`~caiforge.formats.Table` that every
 format writes.
+
+A run's pairs are held by reference (:class:`RunPair`: id, split, a 16-byte digest of the prompt for the leak
+check) and read from its store again, a batch at a time in the order they are written, so a blend holds no
+run's records; outside files are read whole (they are the small side of a blend).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +26,16 @@ from .dataset import split as split_items
 from .errors import InputError
 from .formats import Row, Table, clean, context
 from .inputs import json_lines, lines_of, read_text
-from .records import prompt_id
+from .records import PairRecord, prompt_id
 from .template import PromptTemplate
 
 DEFAULT_RATIOS = {"train": 0.8, "test": 0.2}
+ROWS_BATCH = 1000  # rows resolved per read of the runs' stores
+
+
+def leak_key(prompt: str) -> bytes:
+    """Which prompts count as the same for the leak check (whitespace and case aside), in 16 bytes."""
+    return hashlib.blake2b(_key(prompt).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,13 +46,34 @@ class Pair:
     split: str | None  # None: split by the ratios
     source: str
 
+    @property
+    def key(self) -> bytes:
+        return leak_key(self.prompt)
+
+
+Fetch = Callable[[list[str]], Iterable[PairRecord]]  # a run's pairs by prompt id, in that order
+
+
+@dataclass(frozen=True, slots=True)
+class RunPair:
+    """A run's pair by reference; its texts are read from the run's store (``fetch``) when it is written."""
+
+    prompt_id: str
+    key: bytes
+    split: str
+    source: str
+    fetch: Fetch
+
+
+Ref = Pair | RunPair
+
 
 @dataclass(kw_only=True)
 class Source:
     name: str
     path: str
     kind: str  # "run", "trl", "nemo"
-    pairs: list[Pair]
+    pairs: list[Ref]
     amount: str | None = None  # as given: a weight (0 < w <= 1) or a count
     taken: int = 0
 
@@ -63,7 +96,7 @@ class Mixed:
 
     @property
     def splits(self) -> dict[str, int]:
-        return {name: len(rows) for name, rows in self.table.splits.items()}
+        return dict(self.table.sizes)
 
 
 def parse_source(text: str) -> tuple[Path, str | None]:
@@ -86,7 +119,7 @@ def _amount(tail: str, given: str) -> float | int | None:
     raise InputError(f"--source {given}: the amount must be a weight in (0, 1] or a whole count, got {tail!r}")
 
 
-def take(source: Source, seed: int) -> list[Pair]:
+def take(source: Source, seed: int) -> list[Ref]:
     """The source's sample (in its own order), seeded by the blend's seed and the source's path."""
     pairs = source.pairs
     if source.amount is None:
@@ -106,22 +139,22 @@ def _key(prompt: str) -> str:
     return " ".join(prompt.split()).lower()
 
 
-def resolve_leaks(assigned: list[tuple[str, Pair]], order: list[str]) -> tuple[list[tuple[str, Pair]], int]:
+def resolve_leaks(assigned: list[tuple[str, Ref]], order: list[str]) -> tuple[list[tuple[str, Ref]], int]:
     """A prompt in two splits would leak train into test: every row of it goes to the winning split (test,
     else the latest in ``order``). Returns the rows and how many moved."""
     rank = {name: (len(order) + 1 if name == "test" else i) for i, name in enumerate(order)}
-    where: dict[str, str] = {}
+    where: dict[bytes, str] = {}
     for name, pair in assigned:
-        key = _key(pair.prompt)
+        key = pair.key
         if key not in where or rank.get(name, -1) > rank.get(where[key], -1):
             where[key] = name
-    moved = sum(1 for name, pair in assigned if where[_key(pair.prompt)] != name)
-    return [(where[_key(pair.prompt)], pair) for _, pair in assigned], moved
+    moved = sum(1 for name, pair in assigned if where[pair.key] != name)
+    return [(where[pair.key], pair) for _, pair in assigned], moved
 
 
 def mix(sources: list[Source], ratios: dict[str, float], template: PromptTemplate, seed: int, prefix: str) -> Mixed:
     order = list(ratios)
-    assigned: list[tuple[str, Pair]] = []
+    assigned: list[tuple[str, Ref]] = []
     for source in sources:
         taken = take(source, seed)
         for name in {p.split for p in taken if p.split is not None} - set(order):
@@ -133,13 +166,41 @@ def mix(sources: list[Source], ratios: dict[str, float], template: PromptTemplat
         assigned += [(name, p) for name, part in by_ratio.items() for p in part]
     assigned, moved = resolve_leaks(assigned, order)
     rng = random.Random(seed)
-    splits: dict[str, list[Row]] = {}
+    splits: dict[str, list[Ref]] = {}
     for name in order:
-        rows = [_row(p, template) for split_name, p in assigned if split_name == name]
-        rng.shuffle(rows)
-        splits[name] = rows
-    table = Table(splits=splits, prefix=prefix)
+        refs = [p for split_name, p in assigned if split_name == name]
+        rng.shuffle(refs)  # the permutation depends on the length alone: as shuffling the rows themselves
+        splits[name] = refs
+    table = Table(
+        sizes={name: len(refs) for name, refs in splits.items()},
+        rows=lambda name: _rows(splits[name], template),
+        prefix=prefix,
+    )
     return Mixed(table=table, sources=sources, leaks_moved=moved)
+
+
+def _rows(refs: list[Ref], template: PromptTemplate) -> Iterator[Row]:
+    """A split's rows in order, the runs' pairs read a batch at a time from their stores."""
+    for start in range(0, len(refs), ROWS_BATCH):
+        chunk = refs[start : start + ROWS_BATCH]
+        wanted: dict[int, tuple[Fetch, list[str]]] = {}
+        for ref in chunk:
+            if isinstance(ref, RunPair):
+                wanted.setdefault(id(ref.fetch), (ref.fetch, []))[1].append(ref.prompt_id)
+        found: dict[tuple[int, str], PairRecord] = {}
+        for run, (fetch, ids) in wanted.items():
+            found.update(((run, p.prompt_id), p) for p in fetch(ids))
+        for ref in chunk:
+            if isinstance(ref, RunPair):
+                record = found[id(ref.fetch), ref.prompt_id]
+                ref = Pair(
+                    prompt=clean(record.prompt),
+                    chosen=clean(record.chosen),
+                    rejected=clean(record.rejected),
+                    split=ref.split,
+                    source=ref.source,
+                )
+            yield _row(ref, template)
 
 
 def _row(pair: Pair, template: PromptTemplate) -> Row:

@@ -25,7 +25,7 @@ from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
 from .engine import Stats
 from .errors import InputError, RunAborted
-from .export import dataset_of, format_files
+from .export import dataset_of, options_of, write_outputs
 from .inputs import BadRecord, PromptRecord, check_blend_files, iter_prompts, read_constitution
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
@@ -302,17 +302,20 @@ def write_run(
     started_wall: float,
     started: float,
 ) -> RunResult:
-    """Every file of a finished run, from its store."""
-    data = dataset_of(cfg, list(records(store, descriptor)))
-    splits = data.assign_splits()
+    """Every file of a finished run, streamed from its store (no record is held: ``export.write_outputs``); the
+    counts are taken in the same pass."""
+    written = write_outputs(
+        store,
+        descriptor,
+        options_of(cfg),
+        cfg.output_dir,
+        seed_files=True,
+        formats=("nemo-rm", *cfg.formats),
+        blend=True,
+        keep_failures=True,
+    )
+    splits, tally = written.splits, written.tally
     store.set_splits((pid, name, rank) for name, ids in splits.items() for rank, pid in enumerate(ids))
-    files: dict[str, str | bytes] = {}
-    for writer in ("seed", "failures"):
-        files.update(WRITERS[writer](data, splits))
-    files.update(format_files(data, splits, cfg.formats))
-    failures = data.failures()
-    pairs = data.pairs
-    write_files(cfg.output_dir, files)
     n = inputs.unique
     split_counts = {name: len(ids) for name, ids in splits.items()}
     counts: dict[str, Any] = {
@@ -320,20 +323,27 @@ def write_run(
         "bad_records": len(inputs.bad),
         "unique_prompts": n,
         "duplicate_prompts": inputs.records - n,
-        "with_candidates": sum(1 for r in data.records if r.prompt is not None and r.responses is not None),
-        "judged": len(pairs),
+        "with_candidates": tally.with_candidates,
+        "judged": tally.judged,
         "pairs": sum(split_counts.values()),
         "splits": split_counts,
-        "failures": len(failures),
-        **consistency(pairs, failures, cfg.judge.passes),
+        "failures": tally.failures,
     }
+    if cfg.judge.passes >= 2:  # MT-Bench's consistency: the share of judged prompts whose passes agreed
+        inconsistent = sum(k for (_, reason), k in tally.reasons.items() if reason == Inconsistent.reason)
+        total = tally.consistent + inconsistent
+        counts["consistency_rate"] = round(tally.consistent / total, 4) if total else None
+        counts["inconsistent"] = inconsistent
+    by_reason: Counter[str] = Counter()
+    for (stage, reason), k in tally.reasons.items():
+        by_reason[f"{stage}: {reason}"] += k
     elapsed = time.monotonic() - started
     warnings = run_warnings(cfg)
     manifest = Manifest(
         caiforge=__version__,
         config=cfg.public_dict(),
         counts=Counts(**counts),
-        failures_by_reason=dict(sorted(Counter(f"{f.stage}: {f.reason}" for f in failures).items())),
+        failures_by_reason=dict(sorted(by_reason.items())),
         stats=RunStats(**stats.as_dict()),
         constitution_sha256=sha256_text(inputs.constitution),
         policy=descriptor.identities["policy"],
@@ -350,12 +360,12 @@ def write_run(
         database=DB_NAME,
         warnings=warnings,
         formats=list(cfg.formats),
-        files=sorted(files),
+        files=sorted(written.files),
     )
     manifest.write(cfg.output_dir)
     write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))
     write_report(cfg.output_dir)
-    return RunResult(cfg.output_dir, counts, failures, stats, elapsed, manifest.dump(), warnings, notes)
+    return RunResult(cfg.output_dir, counts, tally.kept, stats, elapsed, manifest.dump(), warnings, notes)
 
 
 def run(cfg: RunConfig, fresh: bool = False) -> RunResult:
