@@ -133,7 +133,7 @@ def write(out: Path, with_report: bool, without_pandas: bool = False) -> dict[st
     descriptor = RunDescriptor.load(store)
     assert descriptor is not None
     n = store.count_results(descriptor.key())[0]
-    inputs = pipeline.Inputs(prompts=[""] * n, records=n, bad=[], constitution="c")
+    inputs = pipeline.Inputs(path=out / "prompts.jsonl", records=n, bad=[], constitution="c", unique=n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.monotonic()
     result = pipeline.write_run(cfg, store, descriptor, inputs, Stats(), [], {}, time.time(), started)  # type: ignore[arg-type]
