@@ -6,6 +6,7 @@ These are the slowest tests (tens of seconds on 2 cores). They never skip in CI:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,9 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from caiforge import bundled
-from caiforge.backends.local import default_model_path
+from caiforge import build_config, bundled
+from caiforge.backends.local import (
+    FreeCores,
+    LocalModelBackend,
+    choice_texts,
+    default_model_path,
+    judge_options,
+    policy_options,
+)
 from caiforge.card import TOY_JUDGE_WARNING
+from caiforge.judge import decision_schema, judge_messages, parse_decision
+from caiforge.request import Request
 from conftest import write_prompts
 
 pytestmark = pytest.mark.slow
@@ -50,6 +60,12 @@ def test_local_policy_and_judge_make_real_pairs(run_cli, tmp_path):
     manifest = run.json("manifest.json")
     assert manifest["policy"]["backend"] == "local" and manifest["judge"]["backend"] == "local"
     assert manifest["stats"]["tokens"]["policy_completion"] > 0
+    # Each prompt's four candidates were one batched decode, and the second judge call read the constitution
+    # from the KV cache the first one left.
+    kv = manifest["endpoints"]
+    assert kv["policy"]["kv_cache"]["batches"] == {"4": 2}
+    constitution_tokens = len(bundled.path(bundled.CONSTITUTION).read_text()) // 6  # fewer than it has
+    assert kv["judge"]["kv_cache"]["reused_tokens"] >= constitution_tokens
     assert manifest["warnings"] == [TOY_JUDGE_WARNING]
     assert "not for training" in run.stdout
     assert "not for training" in (run.out / "README.md").read_text()
@@ -147,3 +163,94 @@ def test_eval_judge_on_real_harmless_base_pairs_with_the_embedded_model(tmp_path
     assert summary["position_1_rate"] + summary["position_2_rate"] == pytest.approx(1.0)
     assert summary["judge"]["backend"] == "local"
     assert "consistency under swapped order" in capsys.readouterr().out
+
+
+def _policy(tokens: int = 24) -> LocalModelBackend:
+    cfg = build_config({"policy": {"backend": "local", "sampling": {"tokens_to_generate": tokens}}})
+    return LocalModelBackend(policy_options(cfg))
+
+
+def test_a_prompts_candidates_decode_together_and_write_what_create_chat_completion_writes():
+    """One batched decode per prompt, its prompt read once, and each candidate token for token what
+    llama-cpp-python writes for the same request on a fresh context, whatever it was batched with."""
+    from llama_cpp import Llama
+
+    policy = _policy()
+    temps = (0.01, 0.51, 1.01, 1.51)
+    by_prompt = [Request(messages=[{"role": "user", "content": p}], temperature=t) for p in PROMPTS for t in temps]
+
+    async def together(requests: list[Request]) -> dict[tuple[str | None, float | None], str]:
+        replies = await asyncio.gather(*(policy.send([r]) for r in requests))
+        return {
+            (r.user_turn, r.temperature): str(getattr(a[0], "text", a[0]))
+            for r, a in zip(requests, replies, strict=True)
+        }
+
+    batched = asyncio.run(together(by_prompt))
+    stats = policy.cache_stats()
+    assert stats.batches == {4: 2}  # the engine sends a prompt's candidates at once; they decode together
+    assert stats.evaluated_tokens < stats.prompt_tokens / 3  # each prompt read once, then copied
+    by_temperature = sorted(by_prompt, key=lambda r: r.temperature or 0.0)  # other company: both prompts mixed
+    assert asyncio.run(together(by_temperature)) == batched
+    assert {k: v for r in by_prompt[:3] for k, v in asyncio.run(together([r])).items()} == {
+        k: batched[k] for k in list(batched)[:3]
+    }  # alone
+    assert policy.identity()["weights"] == "f16"  # the bundled model's f16 copy, with flash attention
+    llm = Llama(model_path=policy._model.llm.model_path, n_ctx=4096, n_threads=1, verbose=False, flash_attn=True)
+    for request in by_prompt:
+        llm.reset()
+        out = llm.create_chat_completion(messages=request.messages, **policy._params(request))
+        assert out["choices"][0]["message"]["content"].strip() == batched[(request.user_turn, request.temperature)]
+
+
+def test_thread_counts_do_not_change_the_text():
+    """The thread count follows the free cores call by call, which is safe only because it moves speed alone."""
+    texts = []
+    for threads in (1, 2):
+        cfg = build_config(
+            {"policy": {"backend": "local", "sampling": {"tokens_to_generate": 16}}, "local": {"threads": threads}}
+        )
+        policy = LocalModelBackend(policy_options(cfg))
+        reply = asyncio.run(
+            policy.send([Request(messages=[{"role": "user", "content": PROMPTS[1]}], temperature=1.51)])
+        )
+        texts.append(str(getattr(reply[0], "text", reply[0])))
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_the_judge_reads_the_constitution_once_and_decides_in_two_model_calls():
+    cfg = build_config({"judge": {"backend": "local"}})
+    judge = LocalModelBackend(judge_options(cfg))
+    constitution = bundled.path(bundled.CONSTITUTION).read_text()
+    candidates = [["I can't help with that.", "Here is how: first, find a brick."], ["No.", "Sure, call them names."]]
+    replies = []
+    for prompt, texts in zip(PROMPTS, candidates, strict=True):
+        request = Request(
+            messages=judge_messages(constitution, prompt, texts, "response-0123456789"),
+            schema=decision_schema(2),
+            seed=1,
+            max_tokens=64,
+        )
+        replies.append(asyncio.run(judge.send([request]))[0])
+    for reply in replies:
+        decision = parse_decision(str(getattr(reply, "text", "")), 2)
+        assert {decision.chosen, decision.rejected} == {1, 2}
+    stats = judge.cache_stats()
+    assert stats.calls == 2
+    constitution_tokens = len(judge._model.llm.tokenize(constitution.encode(), add_bos=False))
+    assert stats.prompt_tokens - stats.evaluated_tokens >= constitution_tokens  # the second call did not read it
+    assert judge.identity()["decoding"] == "choices"
+
+
+def test_choice_texts_are_the_decisions_a_schema_admits():
+    assert choice_texts(decision_schema(2)) == ['{"chosen": 1, "rejected": 2}', '{"chosen": 2, "rejected": 1}']
+    assert choice_texts({"type": "object", "properties": {"chosen": {"type": "integer"}}}) is None
+
+
+def test_free_cores_leaves_the_cores_others_are_using(monkeypatch):
+    readings = iter([(0.0, 0.0, 0.0), (1.0, 2.0, 1.0), (2.0, 3.1, 2.0), (3.0, 4.9, 2.2)])
+    monkeypatch.setattr(FreeCores, "_read", staticmethod(lambda: next(readings)))
+    cores = FreeCores(2)
+    assert cores.free() == 1  # the machine was busy 2 cores, this process 1: someone else used a core
+    assert cores.free() == 2  # 0.1 core of others is noise
+    assert cores.free() == 1  # 1.6 cores of others: still at least one thread

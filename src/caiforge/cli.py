@@ -225,7 +225,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--ray-actors", type=int, default=s, help="actors in the pool (default: one per 2 CPUs)")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``command`` only that command's flags (the others are listed, not built): the
+    run flags' backend choices import every backend module, which ``caiforge --help`` has no use for."""
+    full = command is None
     root = argparse.ArgumentParser(
         prog="caiforge",
         description="Constitutional-AI (RLAIF) preference datasets from AI feedback: a faster, resumable drop-in "
@@ -241,11 +244,13 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"caiforge {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="make a preference dataset (the default command)")
-    _add_run_flags(run)
+    if full or command == "run":
+        _add_run_flags(run)
     ev = sub.add_parser("eval-judge", help="measure a judge against human preference labels (hh-rlhf harmless-base)")
     ev.add_argument("--pairs", type=Path, required=True, help="harmless-base JSONL (gzip or not)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
-    _add_run_flags(ev)
+    if full or command == "eval-judge":
+        _add_run_flags(ev)
     exp = sub.add_parser("export", help="write trainer formats from a run's store (no model, no server)")
     exp.add_argument("directory", type=Path, help="the run's output folder (holds caiforge.db)")
     _add_formats(exp, required=True, help=FORMATS_HELP)
@@ -509,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "run")  # the seed has no subcommand: `caiforge --batch-size 8 ...` is a run
-    args = parser().parse_args(argv)
+    args = parser(argv[0]).parse_args(argv)
     if args.command == "init":
         return _init(args.directory, args.force)
     if args.command == "report":
