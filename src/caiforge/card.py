@@ -10,7 +10,7 @@ from .manifest import Manifest
 TOY_JUDGE_WARNING = (
     "The judge was the bundled SmolLM2-135M-Instruct. Its labels are for trying the tool, not for training: "
     "on 300 real hh-rlhf harmless-base pairs it agreed with the human label 50% of the time (chance) and named "
-    "the first response 96% of the time."
+    "the first response 98% of the time."
 )
 
 
