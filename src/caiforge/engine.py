@@ -137,8 +137,8 @@ class EndpointSettings:
     backoff_base: float = 0.5
     backoff_max: float = 60.0
     linger: float = 0.02  # how long a partial batch waits for company
-    # Slow start's first window, doubled each round trip until a sign of congestion: 32 reaches a vLLM
-    # server's hundreds in three round trips (from 4, 128 prompts at 200 ms took 5.4 s instead of 2).
+    # Slow start's first window, doubled each round trip until a sign of congestion. The session starts
+    # self-hosted servers at their ceiling and hosted APIs (a key) here: see session.endpoint_settings.
     start: int = 32
     failures_to_rest: int = 5  # errors in a row (5xx, timeouts) after which one of several endpoints is rested
     rest_base: float = 1.0  # the first rest, in seconds; doubled at each rest in a row
