@@ -131,7 +131,7 @@ def test_the_registry_drives_choices_inference_and_defaults():
     assert set(backends.choices("judge")) == {"openai", "local"}
     assert build_config({"policy": {"url": "http://h/v1", "model": "m"}}).policy.backend == "openai-chat"
     assert build_config({"policy": {"port": 5000}}).policy.host == "localhost"
-    assert build_config({}).policy.sampling.tokens_to_generate == 128  # the local kind's default
+    assert build_config({}).policy.sampling.tokens_to_generate == 40  # the local kind's default, not the seed's 1024
     judge = build_config({"judge": {"api_key": "k"}}).judge
     assert (judge.backend, judge.url) == ("openai", DEFAULT_JUDGE_URL)
     cfg = build_config({"policy": {"backend": "nemo", "port": 5000}})
