@@ -25,6 +25,7 @@ from caiforge.backends.local import (
     policy_options,
 )
 from caiforge.card import TOY_JUDGE_WARNING
+from caiforge.errors import BadModelOutput
 from caiforge.judge import decision_schema, judge_messages, parse_decision
 from caiforge.request import Request
 from conftest import write_prompts
@@ -254,3 +255,37 @@ def test_free_cores_leaves_the_cores_others_are_using(monkeypatch):
     assert cores.free() == 1  # the machine was busy 2 cores, this process 1: someone else used a core
     assert cores.free() == 2  # 0.1 core of others is noise
     assert cores.free() == 1  # 1.6 cores of others: still at least one thread
+
+
+def test_a_failed_decode_forgets_every_stream_and_the_next_reply_is_unchanged(monkeypatch):
+    """A decode that fails half-way leaves the streams' bookkeeping ahead of their KV; reusing it would give
+    other text silently. The failure is recorded, every stream is forgotten, and the same request then writes
+    what it wrote before."""
+    policy = _policy(tokens=8)
+    temps = (0.01, 0.51, 1.01, 1.51)
+    requests = [Request(messages=[{"role": "user", "content": PROMPTS[0]}], temperature=t) for t in temps]
+
+    async def send_all() -> list[object]:
+        return [r[0] for r in await asyncio.gather(*(policy.send([q]) for q in requests))]
+
+    before = asyncio.run(send_all())
+    batched = policy._model.batched
+    assert batched is not None and any(batched.cached)
+    calls = 0
+    real = batched._decode
+
+    def fail_on_the_third(entries: list[tuple[int, int]], all_logits: bool) -> dict[int, int]:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            return real(entries, all_logits)
+        for stream, token in entries:  # the bookkeeping ran, the decode did not
+            batched.cached[stream].append(token)
+        raise BadModelOutput("local model: llama_decode failed")
+
+    monkeypatch.setattr(batched, "_decode", fail_on_the_third)
+    failed = asyncio.run(send_all())
+    assert calls == 3 and all(isinstance(f, BadModelOutput) for f in failed)
+    assert batched.cached == [[] for _ in range(batched.width)]
+    monkeypatch.setattr(batched, "_decode", real)
+    assert [str(getattr(r, "text", r)) for r in asyncio.run(send_all())] == [str(getattr(r, "text", r)) for r in before]

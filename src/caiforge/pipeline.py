@@ -219,16 +219,6 @@ def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str],
     store.put_result(pid, run_key, "failure", record.to_json())
 
 
-def consistency(pairs: list[PairRecord], failures: list[FailureRecord], passes: int) -> dict[str, Any]:
-    """With two passes: the share of judged prompts whose passes agreed (MT-Bench's consistency)."""
-    if passes < 2:
-        return {}
-    inconsistent = sum(1 for f in failures if f.reason == Inconsistent.reason)
-    agreed = sum(1 for p in pairs if p.consistent)
-    total = agreed + inconsistent
-    return {"consistency_rate": round(agreed / total, 4) if total else None, "inconsistent": inconsistent}
-
-
 async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
     started_wall, started = time.time(), time.monotonic()
     inputs = load_inputs(cfg)

@@ -287,6 +287,16 @@ class _Batched:
     def generate(self, jobs: list[_Job]) -> tuple[list[Reply], int]:
         """Decode ``jobs`` (at most ``width``) together; identical prompts are read once. Returns the replies and
         the prompt tokens computed (the rest were in a stream's KV already, or copied)."""
+        try:
+            return self._generate(jobs)
+        except BaseException:
+            # What ``cached`` says a stream holds may no longer be what its KV holds (a decode that failed
+            # half-way): forget every stream, so no later prompt reuses KV that is not there.
+            self.C.llama_memory_clear(self.mem, True)
+            self.cached = [[] for _ in range(self.width)]
+            raise
+
+    def _generate(self, jobs: list[_Job]) -> tuple[list[Reply], int]:
         groups: dict[tuple[int, ...], list[_Job]] = {}
         for job in jobs:
             groups.setdefault(tuple(job.tokens), []).append(job)
