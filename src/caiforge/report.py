@@ -156,15 +156,25 @@ def _skip(plots: Path, name: str, reason: str) -> str:
     return reason
 
 
-def _axes(width: float = 7, height: float = 4, counts: str = "y") -> tuple[Figure, Any]:
-    """A figure of its own (no pyplot state); the ``counts`` axis gets whole-number ticks. matplotlib is imported
-    here, at the first plot: it costs 0.4 s, which no command but the report should pay."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+MARGINS = (0.75, 0.25, 0.65, 0.45)  # left, right, bottom, top in inches: room for ticks, axis labels, a title
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+
+def _axes(width: float = 7, height: float = 4, counts: str = "y", fit: bool = False) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot state); the ``counts`` axis gets whole-number ticks. matplotlib is imported
+    here, at the first plot: it costs 0.5 s, which no command but the report should pay. Fixed margins, unless
+    ``fit`` (labels of any length): the constrained layout solver doubles a plot's drawing time (measured:
+    four plots 0.73 s against 0.36 s)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    fig = Figure(figsize=(width, height), layout="constrained" if fit else None)
+    if not fit:
+        left, right, bottom, top = MARGINS
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     ax = fig.add_subplot()
-    getattr(ax, f"{counts}axis").set_major_locator(MaxNLocator(integer=True))
+    axis = getattr(ax, f"{counts}axis")
+    axis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_major_formatter(EngFormatter(sep=""))  # 22.5k, 1.2M: ticks short enough for the fixed margin
     return fig, ax
 
 
@@ -317,7 +327,7 @@ def _failures(failures: Counter[str], plots: Path) -> list[str]:
     shown = ranked[:15]
     if len(ranked) > len(shown):
         shown.append((f"({len(ranked) - len(shown)} other reasons)", sum(n for _, n in ranked[len(shown) :])))
-    fig, ax = _axes(8, 1.5 + 0.4 * len(shown), counts="x")
+    fig, ax = _axes(8, 1.5 + 0.4 * len(shown), counts="x", fit=True)  # reasons of any length
     labels = [k if len(k) <= 60 else k[:57] + "..." for k, _ in shown]
     ax.barh(labels[::-1], [n for _, n in shown][::-1], color=REJECTED_COLOUR)
     ax.set(xlabel="failures", title=title)
