@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -350,6 +349,8 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml  # only with --config: 25 ms of every start otherwise
+
     from .inputs import read_text  # late: inputs imports nothing from here, but keep the graph one-way
 
     text = read_text(path, "config")

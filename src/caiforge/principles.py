@@ -13,8 +13,6 @@ import random
 import re
 from typing import Any
 
-import yaml
-
 from .errors import InputError
 from .keys import sha256_text
 
@@ -23,6 +21,8 @@ COT_CLAMP = (0.4, 0.6)
 
 def load_principles(text: str, source: str) -> list[str]:
     """A YAML list (or ``{principles: [...]}``) of strings, else one principle per blank-line-separated paragraph."""
+    import yaml  # only for principle modes: 25 ms of every start otherwise
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
