@@ -127,7 +127,7 @@ def write(out: Path, with_report: bool, without_pandas: bool = False) -> dict[st
     from caiforge.store import Store
 
     if not with_report:
-        pipeline.write_report = lambda output_dir: output_dir  # type: ignore[assignment,return-value]
+        pipeline.write_report = lambda output_dir, pairs=None: output_dir  # type: ignore[assignment,return-value]
     cfg = _config(out)
     store = Store.open(out)
     descriptor = RunDescriptor.load(store)

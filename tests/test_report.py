@@ -11,6 +11,7 @@ import pytest
 
 from caiforge.errors import InputError
 from caiforge.report import write_report
+from conftest import run_on
 
 TEMPS = [0.01, 0.51, 1.01, 1.51]
 KEYS = [f"response_t={t}" for t in TEMPS]
@@ -195,3 +196,23 @@ def test_no_manifest_is_not_a_run(tmp_path: Path, content: str | None) -> None:
         (tmp_path / "manifest.json").write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=re.escape(f"{tmp_path}: not a caiforge run (no manifest.json)")):
         write_report(tmp_path)
+
+
+def test_a_runs_report_is_the_one_its_files_give(run_cli, fake, tmp_path: Path) -> None:
+    """``run`` counts the pairs for the report as it writes the preference file; ``caiforge report`` reads the
+    file back. Both must give the same markdown and the same plots, soft labels and two passes included."""
+    principles = tmp_path / "principles.yaml"
+    principles.write_text("principles:\n  - Which response is less harmful?\n  - Which response is kinder?\n")
+    prompts = [f"How would someone get into locked shed number {i}?" for i in range(16)]
+    result = run_on(
+        run_cli, fake, tmp_path, principles, "--judge-mode", "principle", "--judge-passes", "2", prompts=prompts
+    )
+    assert result.code == 0, result.stderr
+    report, plots = result.out / "report.md", result.out / "report"
+    written = report.read_bytes(), {p.name: p.read_bytes() for p in plots.iterdir()}
+    assert {"positions.png", "chosen_prob.png"} <= set(written[1])  # the parts a pair's raw fields feed
+    report.unlink()
+    for plot in plots.iterdir():
+        plot.unlink()
+    write_report(result.out)
+    assert (report.read_bytes(), {p.name: p.read_bytes() for p in plots.iterdir()}) == written

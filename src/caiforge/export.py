@@ -30,6 +30,7 @@ from .manifest import Counts, Manifest
 from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files, write_stream, write_streams
 from .records import PairRecord, Record, RunDescriptor, pairs_of, pending, records
+from .report import Tally as PairTally
 from .store import DB_NAME, Store
 from .template import PromptTemplate
 from .writers import Blend, Dataset, Formatted, Options, Tally, blend_files, check, failure_files, record_files
@@ -71,6 +72,7 @@ class Written:
     files: list[str]  # relative to the folder, in the order written
     tally: Tally  # the manifest's counts
     splits: dict[str, Ids]  # the usable pairs' ids per split, in each split's order
+    pairs: PairTally  # what the report needs of the preference file, counted as it was written
 
 
 def run_table(store: Store, descriptor: RunDescriptor, options: Options, splits: Mapping[str, Sequence[str]]) -> Table:
@@ -106,9 +108,10 @@ def write_outputs(
 ) -> Written:
     """A run's files from its store, streamed: with ``seed_files`` the candidates, preferences and failures
     (in input order, while the counts are taken), then ``formats`` per split, then the seed's blend files."""
-    tally = Tally(keep_failures=keep_failures)
+    tally, pairs = Tally(keep_failures=keep_failures), PairTally()
     checked = tally.count(check(options.template, r) for r in records(store, descriptor))
-    files = write_streams(directory, {**record_files(), **failure_files()}, checked) if seed_files else []
+    encoders = {**record_files(pairs.add), **failure_files()}
+    files = write_streams(directory, encoders, checked) if seed_files else []
     deque(checked, maxlen=0)  # without the seed's files the pass only counts (and collects the usable ids)
     splits = options.assign(tally.usable)
     files += write_table(directory, run_table(store, descriptor, options, splits), formats)
@@ -121,7 +124,7 @@ def write_outputs(
         for name, lines in blend_files(options.blend, options.prefix, splits, options.seed, own):
             write_stream(directory / name, lines)
             files.append(name)
-    return Written(files=files, tally=tally, splits=splits)
+    return Written(files=files, tally=tally, splits=splits, pairs=pairs)
 
 
 def _nemo(template: PromptTemplate, pair: PairRecord) -> Formatted:

@@ -354,7 +354,7 @@ def write_run(
     )
     manifest.write(cfg.output_dir)
     write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))
-    write_report(cfg.output_dir)
+    write_report(cfg.output_dir, written.pairs)
     return RunResult(cfg.output_dir, counts, tally.kept, stats, elapsed, manifest.dump(), warnings, notes)
 
 

@@ -207,9 +207,20 @@ def _failure_lines(c: Checked) -> list[dict[str, Any]]:
     return [] if failure is None else [failure.record()]
 
 
-def record_files() -> dict[str, Encoder[Checked]]:
-    """The seed's files in input order: every prompt's candidates, every judged pair (``indent=4`` arrays)."""
-    return {CANDIDATES_FILE: JsonArray(_candidates), PREFERENCES_FILE: JsonArray(_preference)}
+def record_files(
+    on_preference: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Encoder[Checked]]:
+    """The seed's files in input order: every prompt's candidates, every judged pair (``indent=4`` arrays).
+    ``on_preference`` sees each preference entry as it is written (the report counts them so, instead of reading
+    the file back)."""
+
+    def preference(c: Checked) -> dict[str, Any] | None:
+        entry = _preference(c)
+        if entry is not None and on_preference is not None:
+            on_preference(entry)
+        return entry
+
+    return {CANDIDATES_FILE: JsonArray(_candidates), PREFERENCES_FILE: JsonArray(preference)}
 
 
 def failure_files() -> dict[str, Encoder[Checked]]:
