@@ -289,3 +289,31 @@ def test_a_failed_decode_forgets_every_stream_and_the_next_reply_is_unchanged(mo
     assert batched.cached == [[] for _ in range(batched.width)]
     monkeypatch.setattr(batched, "_decode", real)
     assert [str(getattr(r, "text", r)) for r in asyncio.run(send_all())] == [str(getattr(r, "text", r)) for r in before]
+
+
+def test_the_f16_copy_is_made_once_kept_whole_and_found_again(tmp_path, monkeypatch):
+    """A run used to convert the bundled weights into a temp file that a kill -9 left behind (260 MB each); now
+    the copy is made once into the cache folder, renamed into place whole, and found by later runs."""
+    import llama_cpp
+
+    from caiforge.backends import local
+
+    made = []
+    real = llama_cpp.llama_model_quantize
+
+    def counted(*args: object) -> int:
+        made.append(args[1])
+        return int(real(*args))
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", counted)
+    monkeypatch.setenv(local.F16_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(local, "_F16_COPIES", {})
+    first = local._as_f16(default_model_path(), 2)
+    assert first is not None and first.parent == tmp_path / "cache" and len(made) == 1
+    assert list(first.parent.iterdir()) == [first]  # no temporary file left
+    monkeypatch.setattr(local, "_F16_COPIES", {})  # as a new process
+    assert local._as_f16(default_model_path(), 2) == first and len(made) == 1
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    monkeypatch.setenv(local.F16_CACHE_ENV, str(tmp_path / "blocked"))
+    monkeypatch.setattr(local, "_F16_COPIES", {})
+    assert local._as_f16(default_model_path(), 2) is None and len(made) == 1  # the file's own weights instead

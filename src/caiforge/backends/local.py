@@ -25,7 +25,6 @@ run that uses it says.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -353,37 +352,52 @@ class _Batched:
         return replies, evaluated
 
 
-_F16_COPIES: dict[Path, Path] = {}  # source -> its f16 copy, converted once per process, removed at exit
+F16_CACHE_ENV = "CAIFORGE_CACHE"  # where the f16 copies are kept (default: $XDG_CACHE_HOME/caiforge, ~/.cache/caiforge)
+_F16_COPIES: dict[Path, Path] = {}  # source -> its f16 copy, found or made once per process
+
+
+def f16_cache_dir() -> Path:
+    explicit = os.environ.get(F16_CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "caiforge"
 
 
 def _as_f16(path: Path, threads: int) -> Path | None:
-    """An f16 copy of ``path`` in the temp folder: the same weights in the form llama.cpp computes fastest in on
-    x86 (Q4_1 has no fast matrix kernel there). Removed when the process exits."""
+    """An f16 copy of ``path``: the same weights in the form llama.cpp computes fastest in on x86 (Q4_1 has no
+    fast matrix kernel there). Made once (about 1 s and 260 MB for the bundled model) and kept in
+    :func:`f16_cache_dir`, named by the source's name, size and modification time, so no run pays for it
+    again and a killed run leaves nothing behind. Written to a temporary name and renamed, so a copy that
+    exists is whole. None when it cannot be made (no room, no write access): the file's own weights, slower."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
     source = path.resolve()
     if source in _F16_COPIES:
         return _F16_COPIES[source]
-    set_verbose(False)  # the converter logs every tensor
-    fd, name = tempfile.mkstemp(prefix="caiforge-", suffix=".f16.gguf")
-    os.close(fd)
-    copy = Path(name)
-    if not _F16_COPIES:
-        atexit.register(_remove_f16_copies)
+    stat = source.stat()
+    copy = f16_cache_dir() / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}.f16.gguf"
+    if not copy.is_file():
+        set_verbose(False)  # the converter logs every tensor
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=copy.parent, prefix=f".{copy.name}.", suffix=".tmp")
+        except OSError:
+            return None
+        os.close(fd)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True, threads
+        try:
+            if llama_cpp.llama_model_quantize(str(source).encode(), name.encode(), ctypes.byref(params)) != 0:
+                return None
+            os.replace(name, copy)
+        except OSError:
+            return None
+        finally:
+            Path(name).unlink(missing_ok=True)
     _F16_COPIES[source] = copy
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True, threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), name.encode(), ctypes.byref(params)) != 0:
-        del _F16_COPIES[source]
-        copy.unlink(missing_ok=True)
-        return None  # e.g. no room in the temp folder: the file's own weights, slower
     return copy
-
-
-def _remove_f16_copies() -> None:
-    for copy in _F16_COPIES.values():
-        copy.unlink(missing_ok=True)  # a loaded model keeps its mapping
 
 
 @dataclass(frozen=True)
