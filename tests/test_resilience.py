@@ -300,6 +300,9 @@ def test_a_run_failing_wholesale_stops_with_a_clear_message(run_cli, fake, tmp_p
     assert "--max-failure-rate" in run.stderr and "transient error" in run.stderr
     assert "Rerun the same command" in run.stderr
     assert fake.count("/v1/chat/completions") < 200  # stopped early, not after burning every prompt
+    failures = run.jsonl("failures.jsonl")  # streamed from the store on the way out: one line per failed prompt
+    assert 0 < len(failures) < 200 and len({f["prompt"] for f in failures}) == len(failures)
+    assert all(f["reason"] for f in failures)
 
 
 def test_adaptive_concurrency_backs_off_from_what_the_server_refuses(run_cli, tmp_path, constitution):

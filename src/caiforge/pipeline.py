@@ -25,11 +25,11 @@ from .card import TOY_JUDGE_WARNING, dataset_card
 from .config import RunConfig
 from .engine import Stats
 from .errors import InputError, RunAborted
-from .export import dataset_of, options_of, write_outputs
+from .export import options_of, write_outputs
 from .inputs import BadRecord, PromptRecord, check_blend_files, iter_prompts, read_constitution
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
-from .outputs import FAILURES_FILE, write_atomic, write_files
+from .outputs import FAILURES_FILE, write_atomic, write_streams
 from .pipelines import rlcai
 from .principles import load_principles
 from .records import FailureRecord, PairRecord, RunDescriptor, prompt_id, records
@@ -38,7 +38,7 @@ from .runner import FailureRate, Outcome, run_each
 from .session import Session, run_sync
 from .store import DB_NAME, Store
 from .verdicts import Inconsistent, JudgeSpec
-from .writers import WRITERS
+from .writers import check, failure_files
 
 
 @dataclass
@@ -265,7 +265,9 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
                 await run_each(items, pipeline, on_outcome, window=window, rate=rate)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
-            write_files(cfg.output_dir, WRITERS["failures"](dataset_of(cfg, list(records(store, descriptor))), {}))
+            # Streamed from the store like every other output: an abort at 1M prompts holds no record list.
+            template = options_of(cfg).template
+            write_streams(cfg.output_dir, failure_files(), (check(template, r) for r in records(store, descriptor)))
             raise
         finally:
             engine.stats.failures = rate.failures
