@@ -38,7 +38,7 @@ from .config import RunConfig
 from .engine import Engine, ReplyCache, Stats
 from .errors import BackendError, CaiforgeError, StageFailed
 from .pipelines import rlcai
-from .records import PairRecord, RunDescriptor
+from .records import PairRecord
 from .request import Reply
 from .runner import FailureRate, Outcome, run_each
 from .store import DB_NAME, Store
@@ -237,22 +237,6 @@ def _block_size(cfg: RunConfig, actors: int, prompts: int) -> int:
     return max(1, min(per_batch, 1024, math.ceil(prompts / actors)))
 
 
-def _finished(cache: ReplyCache, items: list[Item]) -> dict[str, PairRecord]:
-    """Prompts that already have a pair under this run's descriptor: a local run would rebuild each from the
-    store without a request, so the driver hands them on as they are and no actor sees them."""
-    if not isinstance(cache, Store):
-        return {}
-    descriptor = RunDescriptor.load(cache)
-    if descriptor is None:
-        return {}
-    wanted = {pid for pid, _ in items}
-    return {
-        r.prompt_id: PairRecord.from_json(r.data)
-        for r in cache.results(descriptor.key())
-        if r.status == "pair" and r.data is not None and r.prompt_id in wanted
-    }
-
-
 def _unwrap(exc: BaseException) -> BaseException:
     """A caiforge error raised in an actor (a refused endpoint check, ...) is said as caiforge says it."""
     seen: BaseException | None = exc
@@ -276,18 +260,7 @@ async def run_on_ray(
 ) -> None:
     """Every prompt ends in ``on_outcome`` as in :func:`runner.run_each`, its replies in ``cache`` first and its
     requests in ``stats``; raises RunAborted when ``rate`` says so."""
-    todo = list(items)
-    per_prompt = rlcai.totals(settings, 1)
-    done = _finished(cache, todo)
-    for item in todo:
-        record = done.get(item[0])
-        if record is not None:
-            on_outcome(Outcome(item, record, None))
-            rate.add(None)
-            for stage, n in per_prompt.items():
-                for _ in range(n):
-                    advance(stage)
-    todo = [item for item in todo if item[0] not in done]
+    todo = list(items)  # the store's pending prompts: those with a pair are not among them
     if not todo:
         return  # nothing to send: no cluster needed
     started_here = _connect(cfg)
