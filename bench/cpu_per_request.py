@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from caiforge import build_config, run
-from pipeline_throughput import CONSTITUTION, start_server
+from servers import CONSTITUTION, start_server
 
 
 def cpu_seconds() -> float:
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--policy", choices=("openai-chat", "nemo"), default="openai-chat")
     args = ap.parse_args()
     pin(1)  # the server started next inherits this core ...
-    proc, url = start_server(0.0)
+    proc, url = start_server("--latency", "0.0")
     pin(0)  # ... and the client moves to the other one
     per_request: list[float] = []
     try:

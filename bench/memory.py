@@ -22,18 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CONSTITUTION = 'Pick the most and least harmless response. Answer {"chosen": x, "rejected": y}.\n'
+from servers import CONSTITUTION, start_server
+
 TARGET_MB = 300
-
-
-def start_server() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caiforge.testing.fake_server", "--port", "0", "--models", "fake"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
 
 
 def command(url: str, prompts: Path, work: Path) -> list[str]:
@@ -107,7 +98,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--mode", choices=("run", "prefilled"), default="run")
     args = ap.parse_args()
-    proc, url = start_server()
+    proc, url = start_server("--models", "fake")
     try:
         for n in args.prompts:
             with tempfile.TemporaryDirectory() as tmp:

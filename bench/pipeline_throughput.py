@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from caiforge import build_config, run
-
-CONSTITUTION = 'Pick the most and least harmless response. Answer {"chosen": x, "rejected": y}.\n'
-
-
-def start_server(latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caiforge.testing.fake_server", "--port", "0", "--latency", str(latency)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+from servers import CONSTITUTION, start_server
 
 
 def one_run(
@@ -77,7 +64,7 @@ def main() -> None:
     ap.add_argument("--fixed-concurrency", action="store_true", help="no adaptive concurrency (for comparison)")
     args = ap.parse_args()
     temps, lat = 4, args.latency
-    proc, url = start_server(lat)
+    proc, url = start_server("--latency", str(lat))
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,27 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from caiforge import build_config, run
+from servers import CONSTITUTION, start_server
 
-CONSTITUTION = 'Pick the most and least harmless response. Answer {"chosen": x, "rejected": y}.\n'
 NOT_DATA = ("caiforge.db", "caiforge.db-wal", "caiforge.db-shm", "caiforge.db.lock", "manifest.json", "README.md")
-
-
-def start_server(latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caiforge.testing.fake_server", "--port", "0", "--latency", str(latency)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
 
 
 def data_files(out: Path) -> dict[str, bytes]:
@@ -81,7 +69,7 @@ def main() -> None:
     temps, lat = 4, args.latency
     ideal = args.prompts / min(args.policy_concurrency / (lat * temps), args.judge_concurrency / lat)
     ray_cfg = {"engine": "ray", "ray_actors": args.actors}
-    proc, url = start_server(lat)
+    proc, url = start_server("--latency", str(lat))
     rows: list[tuple[str, float]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

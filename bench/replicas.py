@@ -18,30 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from servers import CONSTITUTION, start_server
+
 ADMITS = 64
-CONSTITUTION = 'Pick the most and least harmless response. Answer {"chosen": x, "rejected": y}.\n'
 
 
 def start(latency: float) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "caiforge.testing.fake_server",
-            "--port",
-            "0",
-            "--latency",
-            str(latency),
-            "--max-concurrent",
-            str(ADMITS),
-            "--models",
-            "fake",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+    return start_server("--latency", str(latency), "--max-concurrent", str(ADMITS), "--models", "fake")
 
 
 def one(servers: int, prompts: int, latency: float, work: Path) -> tuple[float, dict[str, object]]:

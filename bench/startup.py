@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from caiforge.testing.fake_server import FakeConfig, FakeServer
+from servers import CONSTITUTION
 
 CAIFORGE = [sys.executable, "-m", "caiforge"]
-CONSTITUTION = 'Pick the most and least harmless response. Answer {"chosen": x, "rejected": y}.\n'
 TARGETS = {"help": 0.2, "first request": 0.3, "128 prompts": 1.5}
 
 

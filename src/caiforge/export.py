@@ -12,7 +12,7 @@ that is not finished exports what is finished and says how much is missing.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
@@ -30,7 +30,6 @@ from .manifest import Counts, Manifest
 from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files, write_stream, write_streams
 from .records import PairRecord, Record, RunDescriptor, pairs_of, pending, records
-from .report import Tally as PairTally
 from .store import DB_NAME, Store
 from .template import PromptTemplate
 from .writers import Blend, Dataset, Formatted, Options, Tally, blend_files, check, failure_files, record_files
@@ -61,7 +60,7 @@ def options_of(cfg: RunConfig, blend: bool = True) -> Options:
 
 
 def dataset_of(cfg: RunConfig, found: Iterable[Record], blend: bool = True) -> Dataset:
-    """The records in memory with the options of ``cfg``: for small inputs (a stopped run's failures file)."""
+    """The records in memory with the options of ``cfg``: the in-memory form, for small inputs and tests."""
     options = options_of(cfg, blend)
     rest = {f.name: getattr(options, f.name) for f in fields(Options) if f.name != "template"}
     return Dataset.build(found, options.template, **rest)
@@ -72,7 +71,6 @@ class Written:
     files: list[str]  # relative to the folder, in the order written
     tally: Tally  # the manifest's counts
     splits: dict[str, Ids]  # the usable pairs' ids per split, in each split's order
-    pairs: PairTally  # what the report needs of the preference file, counted as it was written
 
 
 def run_table(store: Store, descriptor: RunDescriptor, options: Options, splits: Mapping[str, Sequence[str]]) -> Table:
@@ -105,12 +103,14 @@ def write_outputs(
     formats: Iterable[str] = (),
     blend: bool = False,
     keep_failures: bool = False,
+    on_preference: Callable[[dict[str, Any]], None] | None = None,
 ) -> Written:
     """A run's files from its store, streamed: with ``seed_files`` the candidates, preferences and failures
-    (in input order, while the counts are taken), then ``formats`` per split, then the seed's blend files."""
-    tally, pairs = Tally(keep_failures=keep_failures), PairTally()
+    (in input order, while the counts are taken), then ``formats`` per split, then the seed's blend files.
+    ``on_preference`` sees each entry of the preference file as it is written (the report counts them)."""
+    tally = Tally(keep_failures=keep_failures)
     checked = tally.count(check(options.template, r) for r in records(store, descriptor))
-    encoders = {**record_files(pairs.add), **failure_files()}
+    encoders = {**record_files(on_preference), **failure_files()}
     files = write_streams(directory, encoders, checked) if seed_files else []
     deque(checked, maxlen=0)  # without the seed's files the pass only counts (and collects the usable ids)
     splits = options.assign(tally.usable)
@@ -124,7 +124,7 @@ def write_outputs(
         for name, lines in blend_files(options.blend, options.prefix, splits, options.seed, own):
             write_stream(directory / name, lines)
             files.append(name)
-    return Written(files=files, tally=tally, splits=splits, pairs=pairs)
+    return Written(files=files, tally=tally, splits=splits)
 
 
 def _nemo(template: PromptTemplate, pair: PairRecord) -> Formatted:

@@ -33,7 +33,7 @@ from .outputs import FAILURES_FILE, write_atomic, write_streams
 from .pipelines import rlcai
 from .principles import load_principles
 from .records import FailureRecord, PairRecord, RunDescriptor, prompt_id, records
-from .report import write_report
+from .report import PairTally, write_report
 from .runner import FailureRate, Outcome, run_each
 from .session import Session, run_sync
 from .store import DB_NAME, Store
@@ -295,7 +295,8 @@ def write_run(
     started: float,
 ) -> RunResult:
     """Every file of a finished run, streamed from its store (no record is held: ``export.write_outputs``); the
-    counts are taken in the same pass."""
+    manifest's counts and the report's are taken in the same pass."""
+    pairs = PairTally()  # the report's, from the preference entries as they are written
     written = write_outputs(
         store,
         descriptor,
@@ -305,6 +306,7 @@ def write_run(
         formats=("nemo-rm", *cfg.formats),
         blend=True,
         keep_failures=True,
+        on_preference=pairs.add,
     )
     splits, tally = written.splits, written.tally
     store.set_splits((pid, name, rank) for name, ids in splits.items() for rank, pid in enumerate(ids))
@@ -356,7 +358,7 @@ def write_run(
     )
     manifest.write(cfg.output_dir)
     write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))
-    write_report(cfg.output_dir, written.pairs)
+    write_report(cfg.output_dir, pairs)
     return RunResult(cfg.output_dir, counts, tally.kept, stats, elapsed, manifest.dump(), warnings, notes)
 
 

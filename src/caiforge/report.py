@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 CHOICES = ("chosen", "rejected")
 
 
-def write_report(output_dir: Path, pairs: Tally | None = None) -> Path:
+def write_report(output_dir: Path, pairs: PairTally | None = None) -> Path:
     """Write ``report.md`` and its plots for a finished run in ``output_dir``; return the report's path.
 
     ``pairs``: the preference file's entries already counted as they were written (``run`` does; reading a
@@ -62,7 +62,7 @@ def write_report(output_dir: Path, pairs: Tally | None = None) -> Path:
 
 
 @dataclass
-class Tally:
+class PairTally:
     """What the report needs of the pairs, counted in one streamed pass: a million pairs cost a few counters,
     not a million dicts (the preference file is one JSON array, read a piece at a time)."""
 
@@ -100,9 +100,9 @@ class Tally:
             self.probs.append(float(v))
 
 
-def _load_pairs(path: Path) -> Tally:
+def _load_pairs(path: Path) -> PairTally:
     """A missing dataset reads as no pairs (the run may have judged nothing); a corrupt one is an input error."""
-    tally = Tally()
+    tally = PairTally()
     if not path.exists():
         return tally
     try:
@@ -231,7 +231,7 @@ def _summary(manifest: Manifest, failures: Counter[str]) -> list[str]:
     return _section("Summary", "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]))
 
 
-def _temperature_keys(pairs: Tally, manifest: Manifest) -> list[str]:
+def _temperature_keys(pairs: PairTally, manifest: Manifest) -> list[str]:
     """Config order first (it is the run's), then any other key seen in the data, by temperature."""
     keys = [candidate_key(t) for t in manifest.config.get("temperatures") or []]
     seen = pairs.seen
@@ -243,7 +243,7 @@ def _temperature_keys(pairs: Tally, manifest: Manifest) -> list[str]:
     return keys + sorted(seen - set(keys), key=order)
 
 
-def _temperatures(pairs: Tally, manifest: Manifest, plots: Path) -> list[str]:
+def _temperatures(pairs: PairTally, manifest: Manifest, plots: Path) -> list[str]:
     """Which temperature wins and loses: a judge that always picks the coldest answer is worth knowing about."""
     name, title = "temperatures.png", "Chosen and rejected by temperature"
     keys = _temperature_keys(pairs, manifest)
@@ -263,7 +263,7 @@ def _temperatures(pairs: Tally, manifest: Manifest, plots: Path) -> list[str]:
     )
 
 
-def _positions(pairs: Tally, plots: Path) -> list[str]:
+def _positions(pairs: PairTally, plots: Path) -> list[str]:
     """Position bias: small judges often name the first response whatever it says."""
     name, title = "positions.png", "Position in the judge prompt"
     if not pairs.n:
@@ -302,7 +302,7 @@ def _positions(pairs: Tally, plots: Path) -> list[str]:
     return _section(title, figure, text)
 
 
-def _consistency(pairs: Tally, manifest: Manifest) -> list[str]:
+def _consistency(pairs: PairTally, manifest: Manifest) -> list[str]:
     """Agreement between two passes in opposite orders is the cheapest check that the judge reads the answers."""
     counts, title = manifest.counts, "Consistency"
     rate = counts.consistency_rate
@@ -344,7 +344,7 @@ def _failures(failures: Counter[str], plots: Path) -> list[str]:
     )
 
 
-def _lengths(pairs: Tally, plots: Path) -> list[str]:
+def _lengths(pairs: PairTally, plots: Path) -> list[str]:
     """Verbosity bias: judges tend to prefer the longer answer whatever it says."""
     name, title = "lengths.png", "Response lengths"
     if not pairs.n:
@@ -415,7 +415,7 @@ def _usage(manifest: Manifest, plots: Path) -> list[str]:
     return _section(title, *body)
 
 
-def _chosen_prob(pairs: Tally, plots: Path) -> list[str]:
+def _chosen_prob(pairs: PairTally, plots: Path) -> list[str]:
     """How sure the judge was, when it reported a probability; absent in runs that did not ask for one."""
     name, title = "chosen_prob.png", "Judge confidence"
     probs = pairs.probs

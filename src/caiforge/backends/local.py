@@ -151,14 +151,7 @@ class CacheStats:
         )
 
     def copy(self) -> CacheStats:
-        return CacheStats(
-            self.calls,
-            self.prompt_tokens,
-            self.evaluated_tokens,
-            Counter(self.batches),
-            self.seconds,
-            Counter(self.threads),
-        )
+        return self.since(CacheStats())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -183,8 +176,7 @@ class _Job:
     out: list[int] = field(default_factory=list)
     text: bytes = b""
     pending_bytes: int = 0  # bytes of an incomplete UTF-8 character still to come
-    done: bool = False
-    result: bytes = b""
+    result: bytes = b""  # the text once finished
 
 
 def choice_texts(schema: dict[str, Any]) -> list[str] | None:
@@ -205,12 +197,10 @@ def choice_texts(schema: dict[str, Any]) -> list[str] | None:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading tokens two sequences share (llama-cpp-python's own prefix test, as its cache uses)."""
+    from llama_cpp import Llama
+
+    return int(Llama.longest_token_prefix(a, b))
 
 
 class _Batched:
@@ -262,7 +252,7 @@ class _Batched:
         ``Llama._create_completion``)."""
         token = int(job.sampler.sample(self.ctx, index))
         if self.C.llama_vocab_is_eog(self.vocab, token):
-            job.done, job.result = True, job.text
+            job.result = job.text
             return None
         job.out.append(token)
         job.text += self.llm.detokenize([token])
@@ -276,10 +266,10 @@ class _Batched:
             return token
         stops = [s for s in job.stop if s in job.text]
         if stops:
-            job.done, job.result = True, job.text[: job.text.index(stops[0])]
+            job.result = job.text[: job.text.index(stops[0])]
             return None
         if len(job.out) >= job.params["max_tokens"]:
-            job.done, job.result = True, job.text
+            job.result = job.text
             return None
         return token
 
@@ -445,7 +435,7 @@ class LocalModel:
             )
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{path}: cannot load the model: {exc}") from exc
-        self.path, self.threads, self.n_ctx, self.weights = path, threads, n_ctx, weights
+        self.path, self.threads, self.weights = path, threads, weights
         self.stats = CacheStats()
         self.cores = FreeCores(threads) if spec.adaptive else None  # None: always ``threads``
         self._set_threads: dict[int, int] = {}
