@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +15,7 @@ from typing import Any
 import pytest
 
 from caiforge.cli import main
-from caiforge.testing.fake_server import FakeConfig, FakeServer
+from caiforge.testing.fake_server import FakeConfig, FakeServer, RecordedRequest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CONSTITUTION = (
@@ -112,3 +116,54 @@ def run_on(
         *extra,
         out=tmp_path / name,
     )
+
+
+class ServerProcess:
+    """The fake server in its own process, logging each finished request as a JSON line."""
+
+    def __init__(self, tmp: Path, *flags: str) -> None:
+        self.log = tmp / f"server-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "caiforge.testing.fake_server", "--port", "0", "--log", str(self.log), *flags],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def entries(self) -> list[dict]:
+        """Finished work requests, as the server logged them (caiforge's endpoint checks left out)."""
+        if not self.log.exists():
+            return []
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [e for e in rows if not RecordedRequest(e["path"], "", e["body"], {}, e["status"], 0).is_check]
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def wait_idle(self, limit: float = 120) -> None:
+        """Until the server has nothing in flight: what the client left behind has been answered or cut off.
+        The limit only guards against a hang; under any load the server gets there, just later."""
+        deadline = time.monotonic() + limit
+        while self.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.stats()["in_flight"] == 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    servers: list[ServerProcess] = []
+
+    def start(*flags: str) -> ServerProcess:
+        servers.append(ServerProcess(tmp_path, *flags))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -44,7 +44,8 @@ def test_a_cancelled_waiter_raises_cancelled_even_when_woken_in_the_same_turn():
     asyncio.run(main())
 
 
-def test_aimd_halves_on_429_once_per_round_trip_and_climbs_back():
+def test_aimd_halves_on_429_once_per_round_trip_and_climbs_back(monkeypatch):
+    monkeypatch.setattr("caiforge.limits.time.monotonic", lambda: 1000.0)  # one instant: the burst is one signal
     limiter = Limiter(32)
     aimd = Aimd(limiter, ceiling=32)
     assert limiter.limit == 4  # slow start

@@ -5,6 +5,7 @@ Assertions read what each server recorded and what the run wrote (its manifest a
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
@@ -42,13 +43,16 @@ def run_on_replicas(
     )
 
 
-def stop_after(server: FakeServer, requests: int) -> threading.Thread:
-    """Kill ``server`` once it has answered ``requests`` requests of work: a replica dying mid-run."""
+def stop_after(server: FakeServer, requests: int, then: threading.Event | None = None) -> threading.Thread:
+    """Kill ``server`` once it has answered ``requests`` requests of work: a replica dying mid-run. ``then`` is
+    set once it is down (the other replicas' hold: the work they held is still to come, so some must reach it)."""
 
     def watch() -> None:
         while server.count() < requests:
             threading.Event().wait(0.002)
         server.stop()
+        if then is not None:
+            then.set()
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -56,9 +60,16 @@ def stop_after(server: FakeServer, requests: int) -> threading.Thread:
 
 
 def test_three_replicas_share_the_work_and_one_killed_mid_run_loses_no_pair(run_cli, tmp_path, constitution):
-    config = FakeConfig(latency=0.01)
-    with FakeServer(config) as a, FakeServer(config) as b, FakeServer(config) as c:
-        watcher = stop_after(b, 20)
+    # a and c hold what they admit until b is down, so b serves its 20 whatever the timing, and every judge
+    # request is still to come when it dies: the balancer sends some to b (none outstanding there), refused.
+    held = threading.Event()
+    a_cfg, b_cfg, c_cfg = (
+        FakeConfig(latency=0.01, hold=held),
+        FakeConfig(latency=0.01),
+        FakeConfig(latency=0.01, hold=held),
+    )
+    with FakeServer(a_cfg) as a, FakeServer(b_cfg) as b, FakeServer(c_cfg) as c:
+        watcher = stop_after(b, 20, then=held)
         result = run_on_replicas(run_cli, [a, b, c], tmp_path, constitution, "--max-retries", "3")
         watcher.join(timeout=5)
         served = [s.count(status=200) for s in (a, b, c)]
@@ -88,9 +99,24 @@ def test_a_resumed_run_may_use_other_endpoints_and_sends_nothing_again(run_cli, 
     assert again.json("manifest.json")["counts"]["pairs"] == len(PROMPTS)
 
 
+class Refusing:
+    """A port bound but never listening: connections to it are refused, and no other server can take it (a
+    stopped server's port may be handed to the next one that binds)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((self.host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def test_a_replica_down_at_the_start_is_noted_and_the_run_goes_on_with_the_others(run_cli, tmp_path, constitution):
-    dead = FakeServer().start()
-    dead.stop()  # a port that refuses connections
+    dead = Refusing()
     with FakeServer() as alive:
         result = run_on_replicas(run_cli, [alive, dead], tmp_path, constitution)
         assert alive.count() > 0
@@ -100,9 +126,7 @@ def test_a_replica_down_at_the_start_is_noted_and_the_run_goes_on_with_the_other
 
 
 def test_every_replica_down_at_the_start_is_an_error_before_any_request(run_cli, tmp_path, constitution):
-    dead = [FakeServer().start() for _ in range(2)]
-    for s in dead:
-        s.stop()
+    dead = [Refusing() for _ in range(2)]
     result = run_on_replicas(run_cli, dead, tmp_path, constitution)
     assert result.code == 2 and "connection refused" in result.stderr
 

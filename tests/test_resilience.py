@@ -9,13 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from caiforge.store import DURABILITY_BOUND
-from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault, RecordedRequest
+from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault
 from conftest import server_flags, write_prompts
 
 DATASET_FILES = (
@@ -30,57 +29,6 @@ DATASET_FILES = (
 
 def prompts(n: int) -> list[str]:
     return [f"Resilience prompt {i}: how would I do a bad thing?" for i in range(n)]
-
-
-class ServerProcess:
-    """The fake server in its own process, logging each finished request as a JSON line."""
-
-    def __init__(self, tmp: Path, *flags: str) -> None:
-        self.log = tmp / f"server-{time.monotonic_ns()}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "caiforge.testing.fake_server", "--port", "0", "--log", str(self.log), *flags],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.url = self.proc.stdout.readline().strip()
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def entries(self) -> list[dict]:
-        """Finished work requests, as the server logged them (caiforge's endpoint checks left out)."""
-        if not self.log.exists():
-            return []
-        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-        return [e for e in rows if not RecordedRequest(e["path"], "", e["body"], {}, e["status"], 0).is_check]
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/_stats", timeout=30) as resp:
-            return json.loads(resp.read())
-
-    def wait_idle(self, limit: float = 120) -> None:
-        """Until the server has nothing in flight: what the client left behind has been answered or cut off.
-        The limit only guards against a hang; under any load the server gets there, just later."""
-        deadline = time.monotonic() + limit
-        while self.stats()["in_flight"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.stats()["in_flight"] == 0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def server_process(tmp_path):
-    servers: list[ServerProcess] = []
-
-    def start(*flags: str) -> ServerProcess:
-        servers.append(ServerProcess(tmp_path, *flags))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def default_sigint() -> None:
@@ -294,14 +242,20 @@ def test_a_run_failing_wholesale_stops_with_a_clear_message(run_cli, fake, tmp_p
         "0",
         "--max-failure-rate",
         "0.5",
+        "--policy-concurrency",
+        "2",
+        "--judge-concurrency",
+        "2",
         policy="openai-completions",
     )
+    # Two requests a role in flight hold at most 2 x 4 prompts at once (window = 2 x capacity): the stop at the
+    # 20th failure leaves at most 20 + 8 + 1 judged, however fast the server answers.
     assert run.code == 1
     assert "--max-failure-rate" in run.stderr and "transient error" in run.stderr
     assert "Rerun the same command" in run.stderr
-    assert fake.count("/v1/chat/completions") < 200  # stopped early, not after burning every prompt
+    assert fake.count("/v1/chat/completions") <= 29  # stopped early, not after burning every prompt
     failures = run.jsonl("failures.jsonl")  # streamed from the store on the way out: one line per failed prompt
-    assert 0 < len(failures) < 200 and len({f["prompt"] for f in failures}) == len(failures)
+    assert 20 <= len(failures) <= 29 and len({f["prompt"] for f in failures}) == len(failures)
     assert all(f["reason"] for f in failures)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from .manifest import Manifest
 
@@ -154,3 +154,60 @@ def blend_card(manifest: Manifest) -> str:
         *_trainers(manifest),
     ]
     return _front_matter(manifest) + "\n".join(lines)
+
+
+TOY_POLICY_WARNING = (
+    "The policy was the bundled SmolLM2-135M-Instruct. Its critiques and revisions are for trying the tool, not "
+    "for training: a 135M model rarely critiques or revises in earnest."
+)
+
+
+def revision_card(manifest: Manifest) -> str:
+    """A ``revise`` run's card: critique-and-revision SFT data, what it was made from and what it looks like."""
+    cfg, counts, r = manifest.config, manifest.counts, manifest.revise
+    q, inst, shots = r.get("quality", {}), r.get("instructions", {}), r.get("few_shot", {})
+    revise_cfg = cfg.get("revise") or {}
+    output = Path(str(revise_cfg.get("output_filepath") or "cai_revisions_aligner_chat_template.jsonl")).name
+
+    def pct(key: str) -> str:
+        value = q.get(key)
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    words_before, words_after = q.get("words_initial", {}), q.get("words_revised", {})
+    lines = [
+        "# caiforge critique-and-revision dataset (SL-CAI)",
+        "",
+        *(f"> **Warning.** {w}\n" for w in manifest.warnings),
+        f"Supervised fine-tuning data made by caiforge {manifest.caiforge}, the first stage of Constitutional AI: "
+        "the policy answered each red-team prompt after a few example dialogs, critiqued its answer under a "
+        f"critique instruction drawn for the prompt, and revised it ({r.get('revisions', 1)} round(s), each building "
+        "on the last revision). The final revision is the answer.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| prompts | {cfg.get('prompts_path') or 'bundled red-team prompts'} |",
+        f"| policy | {manifest.policy.get('backend')} `{manifest.policy.get('model', 'embedded')}` |",
+        f"| instructions | {inst.get('count')} ({inst.get('form')}, `{inst.get('source')}`) |",
+        f"| few-shot turns | {shots.get('turns')} ({shots.get('source')}) |",
+        f"| unique prompts | {counts.unique_prompts} ({counts.duplicate_prompts} duplicates merged) |",
+        f"| revisions | {counts.revised} |",
+        f"| failures | {counts.failures} (see `failures.jsonl`) |",
+        f"| mere refusals | {pct('mere_refusal_rate')} ({q.get('refusal_rule', '')}) |",
+        f"| unchanged from the initial answer | {pct('unchanged_rate')} |",
+        f"| words, initial -> revised | mean {words_before.get('mean')} -> {words_after.get('mean')}, median "
+        f"{words_before.get('median')} -> {words_after.get('median')} |",
+        f"| seed | {cfg.get('seed')} |",
+        "",
+        "## Known limitations",
+        "",
+        "- The policy critiques itself: a weak model's critiques can miss the harm or invent it, and its "
+        "revisions can turn into bare refusals (evasiveness); the refusal and unchanged shares above measure both.",
+        "- Prompts are red-team attempts: the initial responses in `cai_output/` may be harmful.",
+        "",
+        "## Training on it",
+        "",
+        f"NeMo SFT (`GPTSFTChatDataset`): `model.data.train_ds.file_path={output}`; each line is "
+        '`{"system", "conversations": [User, Assistant], "mask": "User", "dataset": "sl_cai_samples"}`.',
+        "",
+    ]
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__, backends
 from .errors import CaiforgeError, InputError, RunAborted
 
-COMMANDS = ("run", "init", "eval-judge", "report", "export", "blend")
+COMMANDS = ("run", "revise", "init", "eval-judge", "report", "export", "blend")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -72,6 +72,24 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--seed", type=int, default=s)
     io.add_argument("--blend-with", default=s, help="the seed's blend dict: name, then per split files")
     _add_formats(io, default=s, help=FORMATS_HELP + " (default: nemo-rm,trl)")
+    _add_run_state_flags(io)
+    _add_policy_flags(p, "policy (candidate responses)", sweep=True)
+    _add_judge_flags(p)
+    _add_local_flags(p)
+    _add_request_flags(p)
+    scale = p.add_argument_group("scale out (caiforge[ray])")
+    scale.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default=s,
+        help="ray: shard the prompts over a Ray cluster's actors; results land in this run's store (default local)",
+    )
+    scale.add_argument("--ray-address", default=s, help="a running cluster ('auto' after `ray start --head`)")
+    scale.add_argument("--ray-actors", type=int, default=s, help="actors in the pool (default: one per 2 CPUs)")
+
+
+def _add_run_state_flags(io: Any) -> None:
+    s = argparse.SUPPRESS
     io.add_argument(
         "--on-bad-record",
         choices=("error", "skip"),
@@ -81,7 +99,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--fresh", action="store_true", default=s, help="ignore finished work and start over")
     io.add_argument("--quiet", action="store_true", default=s, help="no progress bars")
 
-    pol = p.add_argument_group("policy (candidate responses)")
+
+def _add_policy_flags(p: argparse.ArgumentParser, title: str, sweep: bool) -> None:
+    """The policy's endpoint, sampling and template flags (the seeds' spellings): ``run`` sweeps temperatures,
+    ``revise`` uses the seed's one ``--temperature``."""
+    s = argparse.SUPPRESS
+    pol = p.add_argument_group(title)
     pol.add_argument("--policy-backend", choices=backends.choices("policy"), default=s)
     pol.add_argument(
         "--policy-url",
@@ -94,20 +117,36 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     pol.add_argument("--host", default=s, help="NeMo inference server host")
     pol.add_argument("--port", type=int, default=s, help="NeMo inference server port")
     pol.add_argument("--nemo-servers", default=s, help="several NeMo servers: host1:port1,host2:port2")
-    pol.add_argument("--batch-size", type=int, default=s, help="prompts per NeMo request (default 128)")
+    pol.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=s,
+        help=f"requests per NeMo call (default {128 if sweep else 32})",
+    )
     pol.add_argument(
         "--policy-output-retries",
         type=int,
         default=s,
         help="resends of a candidate request whose reply was unusable (no text, no response pattern; default 3)",
     )
-    pol.add_argument("--temperatures", type=_temperatures, default=s, help="default 0.01,0.51,1.01,1.51")
-    pol.add_argument(
-        "--temperature",
-        type=float,
-        default=s,
-        help="accepted for compatibility; the seed overrides it with the sweep, so does caiforge",
-    )
+    if sweep:
+        pol.add_argument("--temperatures", type=_temperatures, default=s, help="default 0.01,0.51,1.01,1.51")
+        pol.add_argument(
+            "--temperature",
+            type=float,
+            default=s,
+            help="accepted for compatibility; the seed overrides it with the sweep, so does caiforge",
+        )
+    else:
+        pol.add_argument(
+            "--temperature",
+            dest="revise_temperature",
+            type=float,
+            default=s,
+            help="every request's temperature (default 1.0; --greedy True, the default, ignores it)",
+        )
     for flag, kind in (
         ("--add_bos", _bool),
         ("--top_k", int),
@@ -132,7 +171,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--response_extract_pattern",
     ):
         tpl.add_argument(flag, default=s)
+    tpl.add_argument(
+        "--apply_chat_template",
+        type=_bool,
+        default=s,
+        help="NeMo, chats of several turns: True renders them with these formats; False sends message lists for "
+        "the server's own chat template (revise's default)",
+    )
 
+
+def _add_judge_flags(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
     jg = p.add_argument_group("judge (AI preference)")
     jg.add_argument("--judge-backend", choices=backends.choices("judge"), default=s)
     jg.add_argument(
@@ -181,10 +230,16 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="extra attempts, with other seeds, when a reply holds no valid decision",
     )
 
+
+def _add_local_flags(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
     loc = p.add_argument_group("embedded local model (llama.cpp)")
     loc.add_argument("--local-model", type=Path, default=s, help="a GGUF file (default: bundled SmolLM2-135M)")
     loc.add_argument("--local-threads", type=int, default=s, help="llama.cpp threads (default: cores - 1)")
 
+
+def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
     net.add_argument(
@@ -214,15 +269,64 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         default=s,
         help="keep the concurrency limits fixed instead of adapting to 429s and latency",
     )
-    scale = p.add_argument_group("scale out (caiforge[ray])")
-    scale.add_argument(
-        "--engine",
-        choices=("local", "ray"),
+
+
+def _add_revise_flags(p: argparse.ArgumentParser) -> None:
+    """NeMo-Aligner's ``generate_sl_cai_dataset.py`` flags, same spellings, with its defaults (config.SL_DEFAULTS)."""
+    s = argparse.SUPPRESS
+    p.add_argument("--config", type=Path, default=s, help="YAML file with any of these settings (flags win)")
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument(
+        "--red-teaming-prompts-dataset-path",
+        "--red-teaming-file-path",
+        "--prompts",
+        dest="prompts_path",
+        type=Path,
         default=s,
-        help="ray: shard the prompts over a Ray cluster's actors; results land in this run's store (default local)",
+        help="red-team prompts: hh-rlhf JSON array or JSON Lines (gzip or not), .txt or .csv (default: bundled)",
     )
-    scale.add_argument("--ray-address", default=s, help="a running cluster ('auto' after `ray start --head`)")
-    scale.add_argument("--ray-actors", type=int, default=s, help="actors in the pool (default: one per 2 CPUs)")
+    io.add_argument(
+        "--critique-revision-instructions-path",
+        dest="instructions_path",
+        type=Path,
+        default=s,
+        help="NeMo's {harmful0: {prompt, edit_request}} JSON, llm-swarm's {constitutions, system_chat}, or a YAML "
+        "list of {critique, revision} (default: bundled)",
+    )
+    io.add_argument(
+        "--few-shot-prompts-dataset-path",
+        dest="few_shot_path",
+        type=Path,
+        default=s,
+        help="NeMo's {samples: [[{role, content}, ...]]} (default: the instruction file's system_chat, else bundled)",
+    )
+    io.add_argument(
+        "--output-filepath",
+        type=Path,
+        default=s,
+        help="the SFT JSONL; cai_output/ goes beside it "
+        "(default <output-dir>/cai_revisions_aligner_chat_template.jsonl)",
+    )
+    io.add_argument(
+        "--output-dir",
+        type=Path,
+        default=s,
+        help="the run's database, manifest, card and report (default: the folder of --output-filepath, else "
+        "caiforge-revise)",
+    )
+    io.add_argument("--num-examples", type=int, default=s, help="the first N input records (default -1: all)")
+    io.add_argument("--revisions", type=int, default=s, help="critique/revision rounds per prompt (default 1)")
+    io.add_argument("--seed", type=int, default=s, help="draws each prompt's instructions (default 1234)")
+    io.add_argument(
+        "--save-to-file-interval",
+        type=int,
+        default=s,
+        help="accepted for compatibility: every step is stored as it is answered",
+    )
+    _add_run_state_flags(io)
+    _add_policy_flags(p, "policy (writes, critiques and revises)", sweep=False)
+    _add_local_flags(p)
+    _add_request_flags(p)
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -246,6 +350,15 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="make a preference dataset (the default command)")
     if full or command == "run":
         _add_run_flags(run)
+    rev = sub.add_parser(
+        "revise",
+        help="critique-and-revision SFT data (SL-CAI): a drop-in for generate_sl_cai_dataset.py",
+        description="The first stage of Constitutional AI: the policy answers each prompt, critiques its answer "
+        "under a sampled instruction and revises it. Same flags and files as NeMo-Aligner's "
+        "generate_sl_cai_dataset.py; resumable like run.",
+    )
+    if full or command == "revise":
+        _add_revise_flags(rev)
     ev = sub.add_parser("eval-judge", help="measure a judge against human preference labels (hh-rlhf harmless-base)")
     ev.add_argument("--pairs", type=Path, required=True, help="harmless-base JSONL (gzip or not)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
@@ -335,6 +448,14 @@ FLAT = {  # flag dest -> config path
     "engine": "engine",
     "ray_address": "ray_address",
     "ray_actors": "ray_actors",
+    "instructions_path": "revise.instructions_path",
+    "few_shot_path": "revise.few_shot_path",
+    "output_filepath": "revise.output_filepath",
+    "num_examples": "revise.num_examples",
+    "revisions": "revise.revisions",
+    "revise_temperature": "revise.temperature",
+    "save_to_file_interval": "revise.save_to_file_interval",
+    "apply_chat_template": "policy.apply_chat_template",
 }
 SPECIAL = (
     "pairs",
@@ -386,14 +507,16 @@ def _apply_flags(data: dict[str, Any], given: dict[str, Any]) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Any, bool]:
-    """Defaults < YAML file (``--config``) < flags; one validated config, or an InputError."""
-    from .config import build_config, load_yaml
+    """Defaults < YAML file (``--config``) < flags; one validated config, or an InputError. ``revise`` lays the
+    SL seed's defaults under both."""
+    from .config import build_config, load_yaml, revise_config
 
     given = vars(args)
     data: dict[str, Any] = load_yaml(given["config"]) if "config" in given else {}
     try:
         _apply_flags(data, given)
-        return build_config(data), bool(given.get("fresh", False))
+        build = revise_config if given.get("command") == "revise" else build_config
+        return build(data), bool(given.get("fresh", False))
     except InputError as exc:
         if "config" in given and not str(exc).startswith("--"):  # the problem may be in the file: say which
             raise InputError(f"{given['config']}: {exc}") from exc
@@ -492,6 +615,28 @@ def _eval_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revise(args: argparse.Namespace) -> int:
+    from .revise import revise  # imported late: `caiforge --help` stays fast
+
+    try:
+        cfg, fresh = config_from_args(args)
+        result = revise(cfg, fresh=fresh)
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    except RunAborted as exc:
+        print(f"\ncaiforge: {exc}", file=sys.stderr)
+        return 1
+    except CaiforgeError as exc:
+        print(f"caiforge: failed: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    if result.revised == 0:
+        print("caiforge: failed: no revisions were made; see failures.jsonl for why", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _init(directory: Path, force: bool) -> int:
     from .bundled import init
 
@@ -525,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _blend(args)
     if args.command == "eval-judge":
         return _eval_judge(args)
+    if args.command == "revise":
+        return _revise(args)
     from .pipeline import run  # imported late: `caiforge --help` stays fast
 
     try:

@@ -49,7 +49,7 @@ class Sampling(_Frozen):
     all_probs: bool = False
     repetition_penalty: float = Field(1.0, gt=0.0)
     greedy: bool = False
-    end_strings: tuple[str, ...] = ("<extra_id_1>",)
+    end_strings: tuple[str, ...] | None = ("<extra_id_1>",)  # None: not sent (NeMo then stops at <|endoftext|>)
 
 
 class PolicyConfig(_Frozen):
@@ -68,6 +68,9 @@ class PolicyConfig(_Frozen):
     api_key: SecretStr | None = None
     sampling: Sampling = Sampling()
     output_retries: int = Field(3, ge=0)  # resends of a request whose reply was unusable (no text, no pattern)
+    # NeMo, for chats of several turns: True renders them with the template (--user_format, ...); False sends
+    # them as message lists and the server applies its tokenizer's chat template (the SL seed's default).
+    apply_chat_template: bool = True
 
 
 class JudgeConfig(_Frozen):
@@ -150,6 +153,72 @@ class BlendSpec(_Frozen):
     splits: dict[str, dict[Literal["prompts", "comparisons"], tuple[Path, ...]]]
 
 
+class ReviseConfig(_Frozen):
+    """``caiforge revise`` (SL-CAI): NeMo-Aligner's ``generate_sl_cai_dataset.py`` settings, same names."""
+
+    few_shot_path: Path | None = None  # None: the bundled dialogs (or the instruction file's llm-swarm dialogs)
+    instructions_path: Path | None = None  # None: the bundled critique/revision instructions
+    output_filepath: Path | None = None  # None: <output_dir>/cai_revisions_aligner_chat_template.jsonl
+    revisions: int = Field(1, ge=1, le=16)  # critique/revision rounds; the paper went up to 4
+    num_examples: int = -1  # the first N input records (-1: all), counted as the seed counts them
+    temperature: float = Field(1.0, ge=0.0)  # the seed's one temperature (its default is greedy anyway)
+    save_to_file_interval: int = Field(1, ge=1)  # accepted: the store keeps every step as it is answered
+
+    @field_validator("num_examples")
+    @classmethod
+    def _num_examples(cls, value: int) -> int:
+        if value < -1 or value == 0:
+            raise ValueError("must be -1 (all) or a positive number of input records")
+        return value
+
+
+# The SL seed's inference and template defaults, which differ from the RL seed's (docs/research/sl-cai-compat.md):
+# laid under the YAML file and the flags of `caiforge revise`, and under :func:`revise_config`'s argument.
+SL_DEFAULTS: dict[str, Any] = {
+    "policy": {
+        "batch_size": 32,
+        "apply_chat_template": False,
+        "sampling": {
+            "top_k": 1,
+            "top_p": 0.9,
+            "repetition_penalty": 1.2,
+            "greedy": True,
+            "tokens_to_generate": 1024,
+            "end_strings": None,
+        },
+    },
+    "template": {
+        "user_format": "",
+        "assistant_format": "",
+        "system_format": None,
+        "system_default_message": None,
+        "bos_token": None,
+        "eos_token": None,
+        "response_extract_pattern": "[/INST]",
+    },
+}
+DEFAULT_REVISE_DIR = "caiforge-revise"
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``, mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def revise_config(data: dict[str, Any]) -> RunConfig:
+    """A ``revise`` config: the SL seed's defaults under ``data``; the output folder is the SFT file's unless
+    named (so the seed's ``cai_output/`` lands beside it, and the run's store with it)."""
+    data = merged(SL_DEFAULTS, data)
+    revise = data.get("revise") or {}
+    if "output_dir" not in data:
+        out = revise.get("output_filepath") if isinstance(revise, dict) else None
+        data["output_dir"] = Path(out).parent if out else Path(DEFAULT_REVISE_DIR)
+    return build_config(data)
+
+
 class RunConfig(_Frozen):
     prompts_path: Path | None = None
     constitution_path: Path | None = None
@@ -175,6 +244,7 @@ class RunConfig(_Frozen):
     engine: Literal["local", "ray"] = "local"  # ray: the same pipeline sharded over a Ray cluster's actors
     ray_address: str | None = None  # None: a local Ray instance; "auto": the cluster `ray start` made
     ray_actors: int | None = Field(None, ge=1)  # None: one per two CPUs of the cluster, at least one
+    revise: ReviseConfig = ReviseConfig()
 
     @field_validator("formats", mode="before")
     @classmethod
@@ -248,11 +318,15 @@ class RunConfig(_Frozen):
         object.__setattr__(self, "judge", _all_endpoints(judge))
         return self
 
-    def public_dict(self) -> dict[str, Any]:
-        """Everything that shaped the run, for the manifest, with every secret removed."""
-        data = self.model_dump(mode="json", exclude={"policy": {"api_key"}, "judge": {"api_key"}})
+    def public_dict(self, pipeline: str = "rl-cai") -> dict[str, Any]:
+        """Everything that shaped the run, for the manifest, with every secret removed; a pipeline's sections
+        only (``revise`` has no judge, ``run`` no revise settings)."""
+        unused = {"revise"} if pipeline != "sl-cai" else {"judge", "temperatures"}
+        exclude: dict[str, Any] = {"policy": {"api_key"}, "judge": {"api_key"}} | dict.fromkeys(unused, True)
+        data = self.model_dump(mode="json", exclude=exclude)
         data["policy"]["api_key_set"] = self.policy.api_key is not None
-        data["judge"]["api_key_set"] = self.judge.api_key is not None
+        if "judge" in data:
+            data["judge"]["api_key_set"] = self.judge.api_key is not None
         return data
 
 

@@ -34,6 +34,7 @@ class Counts(_Lenient):
     failures: int = 0
     consistency_rate: float | None = None  # with two passes: the share of judged prompts whose passes agreed
     inconsistent: int | None = None
+    revised: int | None = None  # revise: prompts with a revision
 
 
 class RunStats(_Lenient):
@@ -72,6 +73,8 @@ class Manifest(_Lenient):
     formats: list[str] = []  # trainer formats written besides the seed's files
     files: list[str] = []  # every dataset file written, relative to the run folder
     blend: dict[str, Any] = {}  # a blend: its seed, ratios, sources (rows, amount, taken) and leaks moved
+    pipeline: str = "rl-cai"  # "sl-cai": a revise run
+    revise: dict[str, Any] = {}  # revise: instructions, few-shot turns, rounds, and the quality figures
 
     def judge_config(self) -> dict[str, Any]:
         judge = self.config.get("judge")

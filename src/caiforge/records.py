@@ -143,6 +143,52 @@ class FailureRecord:
 Record = PairRecord | FailureRecord
 
 
+@dataclass(frozen=True, kw_only=True)
+class Round:
+    """One critique and revision (SL-CAI): the instruction used (its index in the run's list) and both replies."""
+
+    instruction: int
+    critique_prompt: str
+    critique_response: str
+    revision_prompt: str
+    revision_response: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RevisionRecord:
+    """A revised prompt (``caiforge revise``): the initial response, then each round built on the last."""
+
+    prompt_id: str
+    prompt: str
+    initial_response: str
+    rounds: tuple[Round, ...]
+
+    @property
+    def revision(self) -> str:
+        return self.rounds[-1].revision_response
+
+    def to_json(self) -> dict[str, Any]:
+        data = _shallow(self)
+        data["rounds"] = [_shallow(r) for r in self.rounds]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RevisionRecord:
+        return cls(**{**data, "rounds": tuple(Round(**r) for r in data["rounds"])})
+
+
+def revisions(store: Store, descriptor: RunDescriptor) -> Iterator[RevisionRecord | FailureRecord]:
+    """:func:`records` for a ``revise`` run: input failures, then each prompt's revision or failure."""
+    for stage, reason, detail, source, line in store.failures(descriptor.attempt):
+        yield FailureRecord(
+            prompt_id=None, prompt=None, stage=stage, reason=reason, detail=detail or "", source=source, line=line
+        )
+    for result in store.results(descriptor.key()):
+        if result.data is not None:
+            is_revision = result.status == "revision"
+            yield RevisionRecord.from_json(result.data) if is_revision else FailureRecord.from_json(result.data)
+
+
 def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[Record]:
     """Input failures of the run's last attempt, then every prompt's outcome in input order (pending prompts,
     which have none yet, are left out)."""

@@ -41,6 +41,12 @@ def write_report(output_dir: Path, pairs: PairTally | None = None) -> Path:
     large file back took a third of the report's time at 100k pairs), else it is read."""
     output_dir = Path(output_dir)
     manifest = Manifest.read(output_dir)
+    if manifest.pipeline == "sl-cai":
+        from .quality import report_lines
+
+        path = output_dir / REPORT_FILE
+        write_atomic(path, "\n".join(report_lines(manifest)).rstrip() + "\n")
+        return path
     pairs = _load_pairs(output_dir / PREFERENCES_FILE) if pairs is None else pairs
     failures = _failure_counts(output_dir / FAILURES_FILE, manifest)
     plots = output_dir / PLOTS_DIR

@@ -42,8 +42,10 @@ class Request:
         return None
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests that may share one batched call (NeMo takes one set of sampling settings per call)."""
-        return (self.temperature, self.seed, self.max_tokens, self.logprobs, self.schema is not None)
+        """Requests that may share one batched call: NeMo takes one set of sampling settings per call, and
+        collates chats turn by turn, so chats of several turns share a call only with the same role sequence."""
+        roles = tuple(m["role"] for m in self.messages) if len(self.messages) > 1 else ()
+        return (self.temperature, self.seed, self.max_tokens, self.logprobs, self.schema is not None, roles)
 
     def key(self, identity: dict[str, Any]) -> str:
         """The store key. The two shapes caiforge 0.1 sent keep 0.1's keys (``generation``: one user turn at a

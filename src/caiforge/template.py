@@ -7,6 +7,8 @@ response is cut at the *last* occurrence of the extract pattern and of the eos t
 
 from __future__ import annotations
 
+import itertools
+
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .errors import InputError
@@ -65,6 +67,30 @@ class PromptTemplate(BaseModel):
 
     def format_prompt(self, user: str) -> str:
         return self.format_turns(user)
+
+    def format_messages(self, messages: list[dict[str, str]]) -> str:
+        """A whole conversation (few-shot turns, critiques, revisions), as the seed's ``format_messages``: the
+        system turn first when the template has one, then each turn in its role's format. Roles must alternate,
+        user first (the seed asserts it); a system message leads only when it is the first."""
+        roles = [m["role"].lower() for m in messages]
+        body = messages
+        if roles and roles[0] == "system":
+            if not self.system_format:
+                raise ValueError("a system turn was given but the template has no system format")
+            system: str | None = messages[0]["content"]
+            body, roles = messages[1:], roles[1:]
+        else:
+            system = self.system_default_message
+        if not roles or roles[0] != "user" or any(a == b for a, b in itertools.pairwise(roles)):
+            raise ValueError(f"turns must alternate user/assistant from a user turn, got {roles}")
+        if any(r not in ("user", "assistant") for r in roles):
+            raise ValueError(f"only user and assistant turns follow the system turn, got {roles}")
+        text = self.bos_token or ""
+        if self.system_format and system is not None:
+            text += self._format(self.system_format, system)
+        for role, m in zip(roles, body, strict=True):
+            text += self._format(self.user_format if role == "user" else self.assistant_format, m["content"])
+        return text
 
     def format_with_response(self, user: str, response: str) -> str:
         """Prompt + response + eos, the comparison line NeMo's reward-model trainer reads."""

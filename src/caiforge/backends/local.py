@@ -699,7 +699,9 @@ class LocalModelBackend(LocalBackend):
         """A seed per (prompt, temperature) when the request has none: reruns sample the same text."""
         if request.seed is not None or self.o.seed is None:
             return request.seed
-        digest = hashlib.sha256(f"{self.o.seed}|{request.temperature}|{request.user_turn}".encode()).digest()
+        user = request.user_turn  # one turn: the text alone, as before; several: the whole chat
+        said = user if user is not None or not request.messages else json.dumps(request.messages)
+        digest = hashlib.sha256(f"{self.o.seed}|{request.temperature}|{said}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
     def _params(self, request: Request) -> dict[str, Any]:

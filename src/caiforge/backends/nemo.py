@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from ..config import RunConfig
 
 
+NEMO_ROLES = {"user": "User", "assistant": "Assistant", "system": "System"}  # what NeMo's chat templates name
+
+
 class NemoOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
@@ -32,6 +35,7 @@ class NemoOptions(BaseModel):
     template: PromptTemplate = PromptTemplate()
     sampling: Sampling = Sampling()
     timeout: float = 300.0
+    apply_chat_template: bool = True
 
 
 class NemoBackend:
@@ -52,27 +56,49 @@ class NemoBackend:
         return {"url": self.url}, []
 
     def identity(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "backend": "nemo",
             "model": self.o.model,
             "template": self.o.template.model_dump(),
             "sampling": self.o.sampling.model_dump(mode="json"),
         }
+        if not self.o.apply_chat_template:  # only then: the keys of every run before it stay as they were
+            found["apply_chat_template"] = False
+        return found
+
+    def _sentences(self, requests: list[Request]) -> list[Any]:
+        """Strings through the template, or (``apply_chat_template`` off, chats of several turns) the seed's
+        collated message lists: one ``{"role": [...], "content": [...]}`` per turn, across the batch, which the
+        server splits back into conversations. The engine batches only chats of the same role sequence
+        (``Request.batch_key``), which collation needs."""
+        if self.o.apply_chat_template or any(r.prompt is not None or r.user_turn is not None for r in requests):
+            return [self._sentence(r) for r in requests]
+        turns = len(requests[0].messages)
+        return [
+            {
+                "role": [NEMO_ROLES.get(r.messages[i]["role"], r.messages[i]["role"]) for r in requests],
+                "content": [r.messages[i]["content"] for r in requests],
+            }
+            for i in range(turns)
+        ]
 
     def _sentence(self, request: Request) -> str:
         if request.prompt is not None:
             return request.prompt
         user = request.user_turn
-        if user is None:
-            raise BadModelOutput(f"{self.url}: NeMo's generate takes one user turn or a raw prompt")
-        return self.o.template.format_prompt(user)
+        if user is not None:
+            return self.o.template.format_prompt(user)
+        try:
+            return self.o.template.format_messages(request.messages)
+        except ValueError as exc:
+            raise BadModelOutput(f"{self.url}: {exc}") from exc
 
     async def send(self, requests: list[Request]) -> list[Reply | BadModelOutput]:
         """One batch; every request in it shares the first one's sampling (the engine batches by batch_key)."""
         s, first = self.o.sampling, requests[0]
         temperature = first.temperature if first.temperature is not None else 1.0
         payload = {
-            "sentences": [self._sentence(r) for r in requests],
+            "sentences": self._sentences(requests),
             "tokens_to_generate": first.max_tokens or s.tokens_to_generate,
             "temperature": temperature + 1e-8,
             "add_BOS": s.add_bos,
@@ -82,8 +108,9 @@ class NemoBackend:
             "all_probs": s.all_probs,
             "repetition_penalty": s.repetition_penalty,
             "min_tokens_to_generate": s.min_tokens_to_generate,
-            "end_strings": list(s.end_strings),
         }
+        if s.end_strings is not None:  # absent, as the seed sends it when no --end_strings was given
+            payload["end_strings"] = list(s.end_strings)
         if first.seed is not None:
             payload["random_seed"] = first.seed
         data = await self._http.request_json("PUT", self.url, payload)
@@ -115,6 +142,7 @@ def options(cfg: RunConfig) -> NemoOptions:
         template=cfg.template,
         sampling=p.sampling,
         timeout=cfg.request_timeout,
+        apply_chat_template=p.apply_chat_template,
     )
 
 

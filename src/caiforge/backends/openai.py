@@ -147,9 +147,14 @@ class OpenAIBackend:
             payload["prompt"] = request.prompt
         else:
             user = request.user_turn
-            if user is None or o.template is None:
-                raise BadModelOutput(f"{self.url}: a completions endpoint takes one user turn or a raw prompt")
-            payload["prompt"] = o.template.format_prompt(user)
+            if o.template is None:
+                raise BadModelOutput(f"{self.url}: a completions endpoint needs a prompt template")
+            try:  # a completions endpoint has no chat template of its own: several turns go through ours
+                payload["prompt"] = (
+                    o.template.format_prompt(user) if user is not None else o.template.format_messages(request.messages)
+                )
+            except ValueError as exc:
+                raise BadModelOutput(f"{self.url}: {exc}") from exc
         temperature = request.temperature if request.temperature is not None else o.temperature
         if temperature is not None:
             payload["temperature"] = 0.0 if o.greedy else o.temperature_offset + temperature

@@ -534,11 +534,17 @@ class FakeServer:
 
     def _generate(self, body: dict[str, Any]) -> web.Response:
         sentences = body["sentences"]
-        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-            raise ValueError("'sentences' must be a list of strings")
         temp = 0.0 if body.get("greedy") else _temperature(body)
         end = (body.get("end_strings") or [""])[0]
         seed = body.get("seed", body.get("random_seed"))
+        if isinstance(sentences, list) and sentences and all(isinstance(s, dict) for s in sentences):
+            out = []
+            for chat in explode_chat(sentences):
+                last_user = next(m["content"] for m in reversed(chat) if m["role"] == "User")
+                out.append(render_inst(chat) + " " + self._answer(last_user, temp, seed) + end)
+            return web.json_response({"sentences": out})
+        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+            raise ValueError("'sentences' must be a list of strings, or of collated chat turns")
         return web.json_response({"sentences": [s + self._answer(s, temp, seed) + end for s in sentences]})
 
     def _completions(self, body: dict[str, Any]) -> web.Response:
@@ -571,6 +577,28 @@ class FakeServer:
         choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]
         prompt = " ".join(str(m.get("content") or "") for m in messages)
         return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content or "")
+
+
+def explode_chat(turns: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """NeMo's collated chat input (``{"role": [...], "content": [...]}`` per turn, across the batch) split back
+    into conversations, with the checks NeMo's server and chat template make: equal lengths, known roles."""
+    sizes = {len(t.get("role") or []) for t in turns} | {len(t.get("content") or []) for t in turns}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError("collated turns must all hold the same number of conversations")
+    chats = [[{"role": str(t["role"][b]), "content": str(t["content"][b])} for t in turns] for b in range(sizes.pop())]
+    for chat in chats:
+        for m in chat:
+            if m["role"] not in ("User", "Assistant", "System"):
+                raise ValueError(f"role {m['role']!r} is not in the chat template's roles (User, Assistant, System)")
+    return chats
+
+
+def render_inst(chat: list[dict[str, str]]) -> str:
+    """A Mistral-Instruct-like rendering, what a NeMo server with that tokenizer echoes before its completion."""
+    text = "<s>"
+    for m in chat:
+        text += f"[INST] {m['content']} [/INST]" if m["role"] != "Assistant" else f" {m['content']}</s>"
+    return text
 
 
 def _temperature(body: dict[str, Any]) -> float:

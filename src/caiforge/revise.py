@@ -1,0 +1,314 @@
+"""``caiforge revise``: the SL-CAI stage (critique and revision) on the engine, store and session of ``run``.
+
+A drop-in for NeMo-Aligner's ``generate_sl_cai_dataset.py``: the same flags and files, but every prompt ends
+as a revision or a recorded failure (no last batch dropped), each step is stored as it is answered (a rerun
+continues), and the summary, manifest, card and report say what the revisions are like.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import __version__, backends, bundled
+from .card import TOY_POLICY_WARNING, revision_card
+from .config import RunConfig
+from .engine import Stats
+from .errors import InputError, RunAborted
+from .inputs import BadRecord, PromptRecord, iter_prompts
+from .instructions import Instructions, load_few_shot, load_instructions
+from .keys import sha256_text
+from .manifest import Counts, Manifest, RunStats, Timings
+from .outputs import write_atomic, write_streams
+from .pipeline import prepare_output_dir, versions
+from .pipelines import slcai
+from .quality import QualityTally
+from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, revisions
+from .report import write_report
+from .request import Message
+from .runner import FailureRate, Outcome, run_each
+from .session import Session, run_sync
+from .sl_files import DEFAULT_OUTPUT_FILE, failure_file, seed_files
+from .store import DB_NAME, Store
+
+INSTRUCTIONS = "critique_revision.yaml"
+FEW_SHOT = "few_shot.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReviseInputs:
+    prompts_path: Path
+    records: int  # good input records taken (the first --num-examples), duplicates included
+    bad: list[BadRecord]
+    instructions: Instructions
+    instructions_path: Path
+    few_shot: tuple[Message, ...]
+    few_shot_source: str
+    unique: int = 0
+
+    def prompts(self, cfg: RunConfig) -> Iterator[tuple[str, str]]:
+        taken = 0
+        for record in iter_prompts(self.prompts_path, cfg.on_bad_record):
+            if isinstance(record, PromptRecord):
+                if taken == self.records:
+                    return
+                taken += 1
+                yield prompt_id(record.text), record.text
+
+
+def output_file(cfg: RunConfig) -> Path:
+    return cfg.revise.output_filepath or cfg.output_dir / DEFAULT_OUTPUT_FILE
+
+
+def load_inputs(cfg: RunConfig) -> ReviseInputs:
+    """Read and check every input before any request: prompts, instructions, few-shot dialogs."""
+    r = cfg.revise
+    path = cfg.prompts_path or bundled.path(bundled.PROMPTS)
+    limit = r.num_examples if r.num_examples > 0 else None
+    records, bad = 0, []
+    for record in iter_prompts(path, cfg.on_bad_record):
+        if isinstance(record, PromptRecord):
+            if limit is not None and records == limit:
+                break
+            records += 1
+        else:
+            bad.append(record)
+    if records == 0:
+        raise InputError(f"{path}: no prompts to revise")
+    instructions_path = r.instructions_path or bundled.path(INSTRUCTIONS)
+    instructions = load_instructions(instructions_path)
+    if r.few_shot_path is not None:
+        few_shot, source = load_few_shot(r.few_shot_path), str(r.few_shot_path)
+    elif instructions.few_shot:
+        few_shot, source = instructions.few_shot, f"{instructions_path} (system_chat)"
+    else:
+        few_shot, source = load_few_shot(bundled.path(FEW_SHOT)), "bundled"
+    if output_file(cfg).exists() and output_file(cfg).is_dir():
+        raise InputError(f"{output_file(cfg)}: --output-filepath is a directory")
+    return ReviseInputs(
+        prompts_path=path,
+        records=records,
+        bad=bad,
+        instructions=instructions,
+        instructions_path=instructions_path,
+        few_shot=few_shot,
+        few_shot_source=source,
+    )
+
+
+@dataclass
+class ReviseResult:
+    output_dir: Path
+    output_file: Path
+    counts: dict[str, Any]
+    quality: dict[str, Any]
+    failures: Counter[str]
+    stats: Stats
+    elapsed: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def revised(self) -> int:
+        return int(self.counts["revised"])
+
+    def summary(self) -> str:
+        c, q, s = self.counts, self.quality, self.stats
+        lines = [
+            f"caiforge: {c['revised']} revisions from {c['unique_prompts']} unique prompts "
+            f"({c['duplicate_prompts']} duplicates merged) in {self.elapsed:.1f}s",
+        ]
+        if self.failures:
+            detail = "; ".join(f"{reason} {n}" for reason, n in self.failures.most_common())
+            total = sum(self.failures.values())
+            lines.append(f"  failures: {total} ({detail}) -> {self.output_dir / 'failures.jsonl'}")
+        else:
+            lines.append("  failures: 0")
+        if q["revised"]:
+            lines.append(
+                f"  revisions: {100 * q['mere_refusal_rate']:.1f}% mere refusals, {100 * q['unchanged_rate']:.1f}% "
+                f"unchanged; words {q['words_initial']['mean']:g} -> {q['words_revised']['mean']:g} (mean)"
+            )
+            lines.append("  instruction use: " + ", ".join(str(k) for k in q["instruction_use"]))
+        lines.append(
+            f"  policy requests: {s.requests['policy']} sent, {s.retries['policy']} retried, "
+            f"{s.cached['policy']} reused from {DB_NAME}"
+        )
+        tin, tout = s.tokens["policy_prompt"], s.tokens["policy_completion"]
+        if tin or tout:
+            lines.append(f"  policy tokens: {tin:,} in, {tout:,} out")
+        lines.append(f"  output: {self.output_file}")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str], RevisionRecord]) -> None:
+    pid, prompt = outcome.item
+    if outcome.record is not None:
+        store.put_result(pid, run_key, "revision", outcome.record.to_json())
+        return
+    failure = outcome.failure
+    assert failure is not None
+    record = FailureRecord(
+        prompt_id=pid, prompt=prompt, stage=failure.stage, reason=failure.reason, detail=str(failure)
+    )
+    store.put_result(pid, run_key, "failure", record.to_json())
+
+
+def warnings_of(cfg: RunConfig) -> list[str]:
+    return [TOY_POLICY_WARNING] if cfg.policy.backend == "local" and cfg.local.model_path is None else []
+
+
+async def revise_async(cfg: RunConfig, fresh: bool = False) -> ReviseResult:
+    started_wall, started = time.time(), time.monotonic()
+    inputs = load_inputs(cfg)
+    if not cfg.quiet:
+        print(
+            f"caiforge: policy: {backends.describe(cfg, 'policy')}; {len(inputs.instructions.items)} critique/"
+            f"revision instructions, {len(inputs.few_shot) // 2} few-shot exchanges, {cfg.revise.revisions} round(s)",
+            file=sys.stderr,
+        )
+    prepare_output_dir(cfg.output_dir)
+    output_file(cfg).parent.mkdir(parents=True, exist_ok=True)
+    settings = slcai.Settings(
+        instructions=inputs.instructions.items,
+        few_shot=inputs.few_shot,
+        revisions=cfg.revise.revisions,
+        seed=cfg.seed,
+        temperature=cfg.revise.temperature,
+    )
+    public = cfg.public_dict(slcai.NAME)
+    async with Session(cfg, {role: role for role in slcai.ROLES}, public, fresh) as session:
+        store, engine = session.store, session.engine
+        for bad in inputs.bad:
+            store.put_failure(stage="input", reason="bad record", detail=bad.reason, source=bad.source, line=bad.line)
+        unique = store.set_prompts(inputs.prompts(cfg))
+        descriptor = RunDescriptor(
+            pipeline=slcai.NAME,
+            settings=settings.describe(),
+            identities={role: engine.identity(role) for role in slcai.ROLES},
+            config=public,
+            attempt=store.attempt,
+        )
+        descriptor.save(store)
+        run_key = descriptor.key()
+        session.show_progress(slcai.totals(settings, store.count_pending(run_key)))
+        pipeline = slcai.SlCai(settings, {r: engine.asker(r) for r in slcai.ROLES}, session.progress.advance)
+        rate = FailureRate(cfg.max_failure_rate)
+        try:
+            await run_each(
+                store.pending(run_key),
+                pipeline,
+                partial(record_outcome, store, run_key),
+                window=2 * engine.capacity(),
+                rate=rate,
+            )
+        except RunAborted:
+            write_streams(cfg.output_dir, failure_file(), revisions(store, descriptor))
+            raise
+        finally:
+            engine.stats.failures = rate.failures
+            session.progress.close()
+            await engine.aclose()
+        endpoint_report, adapted = session.adaptations()
+        notes = session.notes + adapted
+        endpoint_report["notes"] = notes
+        result = write_revise(cfg, store, descriptor, inputs, unique, engine.stats, notes, endpoint_report)
+        result.elapsed = time.monotonic() - started
+        session.finish()
+    _finish_manifest(cfg, result, started_wall)
+    return result
+
+
+def write_revise(
+    cfg: RunConfig,
+    store: Store,
+    descriptor: RunDescriptor,
+    inputs: ReviseInputs,
+    unique: int,
+    stats: Stats,
+    notes: list[str],
+    endpoint_report: dict[str, Any],
+) -> ReviseResult:
+    """The seed's files and ``failures.jsonl``, streamed from the store; the counts taken on the way."""
+    quality, failures = QualityTally(), Counter[str]()
+
+    def counted() -> Iterator[RevisionRecord | FailureRecord]:
+        for item in revisions(store, descriptor):
+            if isinstance(item, RevisionRecord):
+                quality.add(item)
+            else:
+                failures[f"{item.stage}: {item.reason}"] += 1
+            yield item
+
+    out = output_file(cfg)
+    written = write_streams(out.parent, seed_files(out.name), counted())
+    write_streams(cfg.output_dir, failure_file(), revisions(store, descriptor))
+    figures = quality.figures(len(inputs.instructions.items))
+    counts = {
+        "input_records": inputs.records,
+        "bad_records": len(inputs.bad),
+        "unique_prompts": unique,
+        "duplicate_prompts": inputs.records - unique,
+        "revised": quality.revised,
+        "failures": sum(failures.values()),
+    }
+    files = [_relative(out.parent / name, cfg.output_dir) for name in written]
+    manifest = Manifest(
+        caiforge=__version__,
+        pipeline=slcai.NAME,
+        config=cfg.public_dict(slcai.NAME),
+        counts=Counts(**counts),
+        failures_by_reason=dict(sorted(failures.items())),
+        stats=RunStats(**stats.as_dict()),
+        policy=descriptor.identities["policy"],
+        endpoints=endpoint_report,
+        versions=versions(),
+        attempt=store.attempt,
+        database=DB_NAME,
+        warnings=warnings_of(cfg),
+        files=files,
+        revise={
+            "instructions": {
+                "source": str(inputs.instructions_path),
+                "form": inputs.instructions.form,
+                "count": len(inputs.instructions.items),
+                "sha256": sha256_text(repr(descriptor.settings["instructions"])),
+            },
+            "few_shot": {"source": inputs.few_shot_source, "turns": len(inputs.few_shot)},
+            "revisions": cfg.revise.revisions,
+            "quality": figures,
+        },
+    )
+    return ReviseResult(
+        cfg.output_dir, out, counts, figures, failures, stats, 0.0, manifest.dump(), manifest.warnings, notes
+    )
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _finish_manifest(cfg: RunConfig, result: ReviseResult, started_wall: float) -> None:
+    manifest = Manifest.model_validate(result.manifest)
+    manifest.timings = Timings(started=started_wall, finished=time.time(), elapsed_s=round(result.elapsed, 3))
+    manifest.write(cfg.output_dir)
+    result.manifest = manifest.dump()
+    write_atomic(cfg.output_dir / "README.md", revision_card(manifest))
+    write_report(cfg.output_dir)
+
+
+def revise(cfg: RunConfig, fresh: bool = False) -> ReviseResult:
+    """Synchronous entry point; SIGTERM and Ctrl-C stop cleanly and keep every finished step."""
+    return run_sync(lambda: revise_async(cfg, fresh=fresh), cfg.output_dir, "finished steps")
