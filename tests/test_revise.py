@@ -439,3 +439,125 @@ def test_revise_keeps_the_sl_seeds_defaults_under_flags_and_yaml(tmp_path):
     assert config_from_args(args)[0].output_dir == tmp_path / "x"
     run_cfg, _ = config_from_args(parser("run").parse_args(["run"]))
     assert run_cfg.policy.sampling.top_k == 50 and run_cfg.policy.batch_size == 128  # run keeps the RL defaults
+
+
+# -- the helpfulness blend --------------------------------------------------------------------------------------
+
+
+def helpful(n: int) -> list[dict[str, Any]]:
+    return [
+        nemo_sft_record(f"Helpful question {i} \u2013 caf\u00e9?", f"Helpful answer {i}", "helpful") for i in range(n)
+    ]
+
+
+def test_the_helpfulness_blend_is_the_seeds_permutation_and_cai_samples_stays_cai_only(run_cli, tmp_path, inputs):
+    import numpy as np
+
+    help_file = tmp_path / "helpful.jsonl"
+    help_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in helpful(5)), encoding="utf-8")
+    with FakeServer(FakeConfig()) as server:
+        result = revise(
+            run_cli, server, tmp_path, inputs, "--helpfulness-dataset-path", str(help_file), "--seed", "7", n=4
+        )
+    assert result.code == 0, result.stderr
+    cai = result.jsonl("cai_output/cai_samples.jsonl")
+    assert len(cai) == 4 and all(r["dataset"] == "sl_cai_samples" for r in cai)
+    samples = [*helpful(5), *cai]  # the seed reads the helpfulness file first
+    expected = "".join(json.dumps(samples[i]) + "\n" for i in np.random.RandomState(7).permutation(9))
+    assert (result.out / "cai_revisions_aligner_chat_template.jsonl").read_text(encoding="utf-8") == expected
+    summary = json.loads((result.out / "cai_revisions_aligner_chat_template.summary.jsonl").read_text())
+    assert summary == {
+        "input_files": [str(help_file), str(result.out / "cai_revisions_aligner_chat_template.jsonl")],
+        "output_file": str(result.out / "cai_revisions_aligner_chat_template.jsonl"),
+        "prompt_template": "chat",
+    }
+    assert result.json("manifest.json")["revise"]["blend"]["blended"] == 9
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"system": "", "conversations": [], "mask": "User"}', "missing 'dataset'"),
+        (
+            '{"system": "", "conversations": [{"from": "User"}], "mask": "User", "dataset": "h"}',
+            "conversations[0] needs 'from' and 'value'",
+        ),
+        ('{"system": "", "conversations": {}, "mask": "User", "dataset": "h"}', "'conversations' must be a list"),
+        ("[1]", "expected a JSON object, got list"),
+        ("{oops", "invalid JSON"),
+    ],
+)
+def test_a_bad_helpfulness_record_stops_before_any_request_naming_its_line(run_cli, tmp_path, inputs, line, problem):
+    help_file = tmp_path / "helpful.jsonl"
+    good = json.dumps(helpful(1)[0])
+    help_file.write_text(f"{good}\n{line}\n", encoding="utf-8")
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, "--helpfulness-dataset-path", str(help_file))
+        sent = [r for r in server.requests if r.body and not r.is_check]
+    assert result.code == 2 and sent == []
+    assert result.stderr.strip().startswith(f"caiforge: error: {help_file}:2: ") and problem in result.stderr
+
+
+# -- --max-seq-length -------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(path: Path) -> Path:
+    """A real Hugging Face tokenizer, built in code: one token per whitespace-separated word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return path
+
+
+def test_max_seq_length_leaves_long_dialogs_out_of_the_seeds_folder_and_records_them(run_cli, tmp_path, inputs):
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    long_prompt = "Tell me " + "very " * 40 + "much about a bad thing?"
+    path = tmp_path / "p.jsonl"
+    write_prompts(path, [*prompts(2), long_prompt])
+    with FakeServer(FakeConfig()) as server:
+        result = run_cli(
+            "revise",
+            "--red-teaming-prompts-dataset-path", str(path),
+            "--critique-revision-instructions-path", str(inputs["instructions"]),
+            "--few-shot-prompts-dataset-path", str(inputs["few_shot"]),
+            *policy_flags(server, "openai-chat"),
+            "--max-seq-length", "30", "--tokenizer-model", str(tokenizer),
+        )  # fmt: skip
+    assert result.code == 0, result.stderr
+    full = result.jsonl("cai_revisions_aligner_chat_template.jsonl")
+    assert len(full) == 3  # the seed keeps --output-filepath whole
+    kept_file = "removed_long_dialogs/cai_revisions_aligner_chat_template_remove_long_dialogs_max_seq_30.jsonl"
+    kept = result.jsonl(kept_file)
+    words = [sum(len(t["value"].split()) for t in r["conversations"]) for r in full]
+    assert [r for r, n in zip(full, words, strict=True) if n <= 30] == kept and len(kept) == 2
+    stats = result.json("removed_long_dialogs/remove_long_dialogs_statistics.json")
+    assert stats["num_removed_ids"] == 1 and stats["removed_ids"] == [2]
+    assert sum(stats["length_statistics"].values()) == 3
+    (failure,) = result.jsonl("failures.jsonl")
+    assert (failure["prompt"], failure["stage"], failure["reason"]) == (long_prompt, "dataset", "over length")
+    assert failure["detail"].startswith(f"{words[2]} tokens, over --max-seq-length 30")
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--max-seq-length", "30"], "--max-seq-length needs --tokenizer-model"),
+        (["--max-seq-length", "30", "--tokenizer-model", "missing.json"], "missing.json: --tokenizer-model not found"),
+        (
+            ["--max-seq-length", "30", "--tokenizer-model", "{here}", "--tokenizer-library", "sentencepiece"],
+            "--tokenizer-library sentencepiece: not available here",
+        ),
+        (["--max-seq-length", "30", "--tokenizer-model", "{bad}"], "not a Hugging Face tokenizer file"),
+    ],
+)
+def test_a_bad_tokenizer_stops_before_any_request(run_cli, tmp_path, inputs, flags, problem):
+    here = word_tokenizer(tmp_path / "tokenizer.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}", encoding="utf-8")
+    flags = [f.format(here=here, bad=bad) for f in flags]
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, *flags)
+        sent = [r for r in server.requests if r.body and not r.is_check]
+    assert result.code == 2 and sent == [] and problem in result.stderr, result.stderr

@@ -197,6 +197,14 @@ def revision_card(manifest: Manifest) -> str:
         f"| words, initial -> revised | mean {words_before.get('mean')} -> {words_after.get('mean')}, median "
         f"{words_before.get('median')} -> {words_after.get('median')} |",
         f"| seed | {cfg.get('seed')} |",
+        *(
+            [
+                f"| blended with | {b['helpfulness']} helpfulness records (`{b['helpfulness_path']}`), {b['blended']} "
+                "in all |"
+            ]
+            if (b := r.get("blend"))
+            else []
+        ),
         "",
         "## Known limitations",
         "",

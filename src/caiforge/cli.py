@@ -314,6 +314,21 @@ def _add_revise_flags(p: argparse.ArgumentParser) -> None:
         help="the run's database, manifest, card and report (default: the folder of --output-filepath, else "
         "caiforge-revise)",
     )
+    io.add_argument(
+        "--helpfulness-dataset-path",
+        dest="helpfulness_path",
+        type=Path,
+        default=s,
+        help="NeMo SFT JSONL to blend in, seeded: --output-filepath then holds the blend, cai_output/ the CAI part",
+    )
+    io.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=s,
+        help="also write removed_long_dialogs/: the SFT file without dialogs over this many tokens",
+    )
+    io.add_argument("--tokenizer-model", type=Path, default=s, help="a tokenizer.json, or a .gguf model's vocabulary")
+    io.add_argument("--tokenizer-library", default=s, help="huggingface (tokenizer.json) or gguf (default: by file)")
     io.add_argument("--num-examples", type=int, default=s, help="the first N input records (default -1: all)")
     io.add_argument("--revisions", type=int, default=s, help="critique/revision rounds per prompt (default 1)")
     io.add_argument("--seed", type=int, default=s, help="draws each prompt's instructions (default 1234)")
@@ -455,6 +470,10 @@ FLAT = {  # flag dest -> config path
     "revisions": "revise.revisions",
     "revise_temperature": "revise.temperature",
     "save_to_file_interval": "revise.save_to_file_interval",
+    "helpfulness_path": "revise.helpfulness_path",
+    "max_seq_length": "revise.max_seq_length",
+    "tokenizer_model": "revise.tokenizer_model",
+    "tokenizer_library": "revise.tokenizer_library",
     "apply_chat_template": "policy.apply_chat_template",
 }
 SPECIAL = (

@@ -163,6 +163,10 @@ class ReviseConfig(_Frozen):
     num_examples: int = -1  # the first N input records (-1: all), counted as the seed counts them
     temperature: float = Field(1.0, ge=0.0)  # the seed's one temperature (its default is greedy anyway)
     save_to_file_interval: int = Field(1, ge=1)  # accepted: the store keeps every step as it is answered
+    helpfulness_path: Path | None = None  # NeMo SFT JSONL blended in (the seed requires it; optional here)
+    max_seq_length: int | None = Field(None, ge=1)  # removed_long_dialogs/: dialogs over this many tokens left out
+    tokenizer_model: Path | None = None  # a tokenizer.json or a .gguf (counts the tokens)
+    tokenizer_library: str | None = None  # huggingface (tokenizer.json) or gguf; inferred from the file
 
     @field_validator("num_examples")
     @classmethod

@@ -7,6 +7,7 @@ continues), and the summary, manifest, card and report say what the revisions ar
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import Counter
@@ -33,8 +34,12 @@ from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, re
 from .report import write_report
 from .request import Message
 from .runner import FailureRate, Outcome, run_each
+from .seq_length import DIR as LONG_DIR
+from .seq_length import STATISTICS_FILE as LONG_STATS
+from .seq_length import TokenCount, load_counter, remove_long
 from .session import Session, run_sync
-from .sl_files import DEFAULT_OUTPUT_FILE, failure_file, seed_files
+from .sft_blend import blend, read_sft, summary_path
+from .sl_files import DEFAULT_OUTPUT_FILE, SAMPLES_FILE, failure_file, seed_files
 from .store import DB_NAME, Store
 
 INSTRUCTIONS = "critique_revision.yaml"
@@ -50,7 +55,7 @@ class ReviseInputs:
     instructions_path: Path
     few_shot: tuple[Message, ...]
     few_shot_source: str
-    unique: int = 0
+    count_tokens: TokenCount | None = None  # --max-seq-length's tokenizer
 
     def prompts(self, cfg: RunConfig) -> Iterator[tuple[str, str]]:
         taken = 0
@@ -89,6 +94,9 @@ def load_inputs(cfg: RunConfig) -> ReviseInputs:
         few_shot, source = instructions.few_shot, f"{instructions_path} (system_chat)"
     else:
         few_shot, source = load_few_shot(bundled.path(FEW_SHOT)), "bundled"
+    if r.helpfulness_path is not None:
+        read_sft(r.helpfulness_path)  # every record checked before any request (the seed asserts at the end)
+    count_tokens = load_counter(r.tokenizer_model, r.tokenizer_library) if r.max_seq_length else None
     if output_file(cfg).exists() and output_file(cfg).is_dir():
         raise InputError(f"{output_file(cfg)}: --output-filepath is a directory")
     return ReviseInputs(
@@ -99,6 +107,7 @@ def load_inputs(cfg: RunConfig) -> ReviseInputs:
         instructions_path=instructions_path,
         few_shot=few_shot,
         few_shot_source=source,
+        count_tokens=count_tokens,
     )
 
 
@@ -144,6 +153,18 @@ class ReviseResult:
         tin, tout = s.tokens["policy_prompt"], s.tokens["policy_completion"]
         if tin or tout:
             lines.append(f"  policy tokens: {tin:,} in, {tout:,} out")
+        blend = self.manifest.get("revise", {}).get("blend")
+        if blend:
+            lines.append(
+                f"  blend: {blend['cai']} CAI + {blend['helpfulness']} helpfulness records, shuffled -> "
+                f"{self.output_file} (the CAI records alone: cai_output/cai_samples.jsonl)"
+            )
+        long = self.manifest.get("revise", {}).get("long_dialogs")
+        if long:
+            lines.append(
+                f"  long dialogs: {long['removed']} over {long['max_seq_length']} tokens ({long['removed_cai']} of "
+                f"them CAI, recorded as failures) left out of {self.output_file.parent / LONG_DIR}/"
+            )
         lines.append(f"  output: {self.output_file}")
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  WARNING: {w}" for w in self.warnings]
@@ -251,7 +272,26 @@ def write_revise(
 
     out = output_file(cfg)
     written = write_streams(out.parent, seed_files(out.name), counted())
-    write_streams(cfg.output_dir, failure_file(), revisions(store, descriptor))
+    blended: dict[str, int] = {}
+    if cfg.revise.helpfulness_path is not None:  # as the seed: the blend replaces the SFT file
+        blended = blend(cfg.revise.helpfulness_path, out.parent / SAMPLES_FILE, out, cfg.seed)
+        written.append(str(summary_path(out)))
+    long: dict[str, Any] = {}
+    too_long: list[FailureRecord] = []
+    limit = cfg.revise.max_seq_length
+    if limit is not None and inputs.count_tokens is not None:
+        removed, cai = remove_long(out, limit, inputs.count_tokens)
+        written += [removed["output_file"], str(out.parent / LONG_DIR / LONG_STATS)]
+        long = {"max_seq_length": limit, "removed": removed["num_removed_ids"], "removed_cai": len(cai)}
+        for prompt, n in cai:
+            detail = f"{n} tokens, over --max-seq-length {limit}: left out of {LONG_DIR}/ (kept in {out.name})"
+            too_long.append(
+                FailureRecord(
+                    prompt_id=prompt_id(prompt), prompt=prompt, stage="dataset", reason="over length", detail=detail
+                )
+            )
+            failures["dataset: over length"] += 1
+    write_streams(cfg.output_dir, failure_file(), itertools.chain(revisions(store, descriptor), too_long))
     figures = quality.figures(len(inputs.instructions.items))
     counts = {
         "input_records": inputs.records,
@@ -286,6 +326,8 @@ def write_revise(
             "few_shot": {"source": inputs.few_shot_source, "turns": len(inputs.few_shot)},
             "revisions": cfg.revise.revisions,
             "quality": figures,
+            **({"blend": {**blended, "helpfulness_path": str(cfg.revise.helpfulness_path)}} if blended else {}),
+            **({"long_dialogs": long} if long else {}),
         },
     )
     return ReviseResult(
