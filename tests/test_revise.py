@@ -561,3 +561,44 @@ def test_a_bad_tokenizer_stops_before_any_request(run_cli, tmp_path, inputs, fla
         result = revise(run_cli, server, tmp_path, inputs, *flags)
         sent = [r for r in server.requests if r.body and not r.is_check]
     assert result.code == 2 and sent == [] and problem in result.stderr, result.stderr
+
+
+# -- trainer files ----------------------------------------------------------------------------------------------
+
+
+def test_trl_sft_files_hold_every_revision_and_load_with_datasets(run_cli, tmp_path, inputs):
+    from datasets import load_dataset
+
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, n=10)
+    assert result.code == 0, result.stderr
+    records = {r["initial_prompt"]: r for r in result.json("cai_output/cai_critique_revision_samples.json")}
+    rows = [row for split in ("train", "test") for row in result.jsonl(f"trl-sft/{split}.jsonl")]
+    assert sorted(r["messages"][0]["content"] for r in rows) == sorted(records)
+    for row in rows:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert assistant["content"] == records[user["content"]]["revision_response"]
+    assert result.json("manifest.json")["counts"]["splits"] == {"train": 8, "test": 2}
+    data = load_dataset(str(result.out), "trl-sft")  # the card's front matter names the configs
+    assert data["train"].num_rows == 8 and data["train"].column_names == ["messages", "prompt_id"]
+    completion = load_dataset(str(result.out), "trl-sft-prompt-completion")
+    assert completion["test"].column_names == ["prompt", "completion", "prompt_id"]
+
+
+def test_pairs_take_the_other_half_of_each_split_revision_chosen_initial_rejected(run_cli, tmp_path, inputs):
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, "--pairs", "--format", "trl,nemo-rl", n=20)
+    assert result.code == 0, result.stderr
+    records = {r["initial_prompt"]: r for r in result.json("cai_output/cai_critique_revision_samples.json")}
+    sft = {row["prompt"] for s in ("train", "test") for row in result.jsonl(f"trl-sft-prompt-completion/{s}.jsonl")}
+    pairs = [row for s in ("train", "test") for row in result.jsonl(f"trl/{s}.jsonl")]
+    assert not sft & {p["prompt"] for p in pairs}  # no prompt in both halves
+    assert len(sft) + len(pairs) == 20
+    for p in pairs:
+        assert p["chosen"] == records[p["prompt"]]["revision_response"]
+        assert p["rejected"] == records[p["prompt"]]["initial_response"]
+    assert len(result.jsonl("nemo-rl/train.jsonl")) == len(result.jsonl("trl/train.jsonl"))
+    manifest = result.json("manifest.json")
+    assert manifest["revise"]["pairs"] == {"train": 8, "test": 2, "unchanged_left_out": 0}
+    assert manifest["counts"]["splits"] == {"train": 8, "test": 2}

@@ -58,13 +58,16 @@ def dataset_card(manifest: Manifest) -> str:
     return _front_matter(manifest) + "\n".join(lines)
 
 
+NOT_CONFIGS = ("cai_output", "removed_long_dialogs")  # revise's seed folders: one file each, not splits
+
+
 def _configs(manifest: Manifest) -> dict[str, dict[str, str]]:
     """Per format folder, its JSONL file per split. (``datasets`` picks one reader for all of a folder's
     configs, and every format has JSONL; the Parquet files sit beside them for direct loading.)"""
     found: dict[str, dict[str, str]] = {}
     for name in manifest.files:
         path = PurePosixPath(name)
-        if len(path.parts) == 2 and path.suffix == ".jsonl":
+        if len(path.parts) == 2 and path.suffix == ".jsonl" and path.parts[0] not in NOT_CONFIGS:
             found.setdefault(path.parts[0], {})[path.stem] = name
     order = list(manifest.counts.splits)  # the run's split order, not the alphabet's
     rank = {name: i for i, name in enumerate(order)}
@@ -78,7 +81,7 @@ def _front_matter(manifest: Manifest) -> str:
     if not configs:
         return ""
     lines = ["---", "configs:"]
-    default = "trl" if "trl" in configs else next(iter(configs))
+    default = next((c for c in ("trl-sft", "trl") if c in configs), next(iter(configs)))  # revise's, run's
     for config, files in configs.items():
         lines.append(f"- config_name: {json.dumps(config)}")
         if config == default:
@@ -217,5 +220,22 @@ def revision_card(manifest: Manifest) -> str:
         f"NeMo SFT (`GPTSFTChatDataset`): `model.data.train_ds.file_path={output}`; each line is "
         '`{"system", "conversations": [User, Assistant], "mask": "User", "dataset": "sl_cai_samples"}`.',
         "",
+        "TRL (`trl-sft` holds chat messages, `trl-sft-prompt-completion` prompt and completion, loss on the "
+        "completion only):",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'data = load_dataset("path/to/this/folder", "trl-sft")  # or "trl-sft-prompt-completion"',
+        'trainer = SFTTrainer(model=model, train_dataset=data["train"], ...)',
+        "```",
+        "",
     ]
-    return "\n".join(lines)
+    if r.get("pairs"):
+        lines += [
+            "With `--pairs`, half of each split became preference pairs (the final revision chosen, the initial "
+            "answer rejected; revisions that changed nothing left out) in the folders below; no prompt is in both "
+            "halves.",
+            "",
+            *_trainers(manifest)[2:],
+        ]
+    return _front_matter(manifest) + "\n".join(lines)

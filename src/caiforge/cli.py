@@ -330,6 +330,16 @@ def _add_revise_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--tokenizer-model", type=Path, default=s, help="a tokenizer.json, or a .gguf model's vocabulary")
     io.add_argument("--tokenizer-library", default=s, help="huggingface (tokenizer.json) or gguf (default: by file)")
     io.add_argument("--num-examples", type=int, default=s, help="the first N input records (default -1: all)")
+    io.add_argument(
+        "--pairs",
+        action="store_true",
+        default=s,
+        help="half of each split becomes preference pairs (final revision chosen, initial answer rejected) in each "
+        "--format; the other half stays SFT data, so no prompt is in both",
+    )
+    io.add_argument("--splits", default=s, help="of the TRL SFT files, e.g. \"{'train': 0.8, 'test': 0.2}\"")
+    io.add_argument("--shuffle", type=_bool, default=s)
+    _add_formats(io, default=s, help=FORMATS_HELP + " (with --pairs; default: nemo-rm,trl)")
     io.add_argument("--revisions", type=int, default=s, help="critique/revision rounds per prompt (default 1)")
     io.add_argument("--seed", type=int, default=s, help="draws each prompt's instructions (default 1234)")
     io.add_argument(
@@ -471,13 +481,13 @@ FLAT = {  # flag dest -> config path
     "revise_temperature": "revise.temperature",
     "save_to_file_interval": "revise.save_to_file_interval",
     "helpfulness_path": "revise.helpfulness_path",
+    "pairs": "revise.pairs",
     "max_seq_length": "revise.max_seq_length",
     "tokenizer_model": "revise.tokenizer_model",
     "tokenizer_library": "revise.tokenizer_library",
     "apply_chat_template": "policy.apply_chat_template",
 }
 SPECIAL = (
-    "pairs",
     "limit",
     "directory",
     "force",

@@ -164,6 +164,7 @@ class ReviseConfig(_Frozen):
     temperature: float = Field(1.0, ge=0.0)  # the seed's one temperature (its default is greedy anyway)
     save_to_file_interval: int = Field(1, ge=1)  # accepted: the store keeps every step as it is answered
     helpfulness_path: Path | None = None  # NeMo SFT JSONL blended in (the seed requires it; optional here)
+    pairs: bool = False  # also preference pairs (revision chosen, initial rejected) from half of each split
     max_seq_length: int | None = Field(None, ge=1)  # removed_long_dialogs/: dialogs over this many tokens left out
     tokenizer_model: Path | None = None  # a tokenizer.json or a .gguf (counts the tokens)
     tokenizer_library: str | None = None  # huggingface (tokenizer.json) or gguf; inferred from the file

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .records import PairRecord
 from .template import PromptTemplate
@@ -31,6 +31,7 @@ ROW_GROUP = 5_000  # Parquet rows per row group (measured: 10k rows cost 36 MB m
 ARROW_BATCH = 1024  # rows turned into Arrow arrays at a time: the most a Parquet file holds as Python objects
 
 Rows = list[dict[str, Any]]
+T = TypeVar("T")
 
 
 class _Chunks:
@@ -68,7 +69,7 @@ class _Chunks:
         return out
 
 
-class ParquetFile:
+class ParquetFile(Generic[T]):
     """A Parquet file written a row group at a time, zstd, no timestamps; a file of at most ``row_group`` rows
     has the bytes ``pyarrow.parquet.write_table`` gives for all its rows at once.
 
@@ -78,7 +79,7 @@ class ParquetFile:
     Arrow's memory comes from the system allocator, which gives it back between row groups (the default
     mimalloc pool kept about twice as much)."""
 
-    def __init__(self, rows: Callable[[Row], Rows], columns: list[str], row_group: int = ROW_GROUP) -> None:
+    def __init__(self, rows: Callable[[T], Rows], columns: list[str], row_group: int = ROW_GROUP) -> None:
         self.rows, self.columns, self.row_group = rows, columns, row_group
         self.pending: Rows = []  # rows not yet Arrow arrays
         self.batches: list[Any] = []  # Arrow record batches of the row group being filled
@@ -87,7 +88,7 @@ class ParquetFile:
         self.writer: Any = None
         self.schema: Any = None
 
-    def add(self, item: Row) -> bytes:
+    def add(self, item: T) -> bytes:
         out = b""
         for row in self.rows(item):
             self.pending.append(row)

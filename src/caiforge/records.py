@@ -233,3 +233,23 @@ def pending(store: Store, descriptor: RunDescriptor) -> int:
     """Prompts of the run with no outcome yet (an interrupted run)."""
     total, finished = store.count_results(descriptor.key())
     return total - finished
+
+
+def revisions_of(store: Store, descriptor: RunDescriptor, ids: Iterable[str]) -> Iterator[RevisionRecord]:
+    """:func:`pairs_of` for a revise run: the revisions of ``ids``, in that order, a batch at a time."""
+    key, batch = descriptor.key(), []
+    for pid in ids:
+        batch.append(pid)
+        if len(batch) == PAIRS_BATCH:
+            yield from _revision_batch(store, key, batch)
+            batch = []
+    yield from _revision_batch(store, key, batch)
+
+
+def _revision_batch(store: Store, key: str, ids: list[str]) -> Iterator[RevisionRecord]:
+    found = {pid: data for pid, status, data in store.results_of(key, ids) if status == "revision"}
+    for pid in ids:
+        data = found.get(pid)
+        if data is None:
+            raise LookupError(f"prompt {pid} has no revision under this run's descriptor (the store changed?)")
+        yield RevisionRecord.from_json(data)

@@ -20,8 +20,11 @@ from typing import Any
 from . import __version__, backends, bundled
 from .card import TOY_POLICY_WARNING, revision_card
 from .config import RunConfig
+from .dataset import Ids
 from .engine import Stats
 from .errors import InputError, RunAborted
+from .export import write_table
+from .formats import Row, Table
 from .inputs import BadRecord, PromptRecord, iter_prompts
 from .instructions import Instructions, load_few_shot, load_instructions
 from .keys import sha256_text
@@ -30,7 +33,7 @@ from .outputs import write_atomic, write_streams
 from .pipeline import prepare_output_dir, versions
 from .pipelines import slcai
 from .quality import QualityTally
-from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, revisions
+from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, revisions, revisions_of
 from .report import write_report
 from .request import Message
 from .runner import FailureRate, Outcome, run_each
@@ -40,7 +43,9 @@ from .seq_length import TokenCount, load_counter, remove_long
 from .session import Session, run_sync
 from .sft_blend import blend, read_sft, summary_path
 from .sl_files import DEFAULT_OUTPUT_FILE, SAMPLES_FILE, failure_file, seed_files
+from .sl_formats import halves, pair_rows, sft_files
 from .store import DB_NAME, Store
+from .writers import Options
 
 INSTRUCTIONS = "critique_revision.yaml"
 FEW_SHOT = "few_shot.json"
@@ -261,11 +266,15 @@ def write_revise(
 ) -> ReviseResult:
     """The seed's files and ``failures.jsonl``, streamed from the store; the counts taken on the way."""
     quality, failures = QualityTally(), Counter[str]()
+    revised, unchanged = Ids(), set[str]()  # 8 bytes a revised prompt; the unchanged ones are few
 
     def counted() -> Iterator[RevisionRecord | FailureRecord]:
         for item in revisions(store, descriptor):
             if isinstance(item, RevisionRecord):
                 quality.add(item)
+                revised.append(item.prompt_id)
+                if item.revision.strip() == item.initial_response.strip():
+                    unchanged.add(item.prompt_id)
             else:
                 failures[f"{item.stage}: {item.reason}"] += 1
             yield item
@@ -292,6 +301,9 @@ def write_revise(
             )
             failures["dataset: over length"] += 1
     write_streams(cfg.output_dir, failure_file(), itertools.chain(revisions(store, descriptor), too_long))
+    files = [_relative(out.parent / name, cfg.output_dir) for name in written]
+    sft, pairs = trainer_files(cfg, store, descriptor, revised, unchanged)
+    files += sft.files + pairs.files
     figures = quality.figures(len(inputs.instructions.items))
     counts = {
         "input_records": inputs.records,
@@ -300,8 +312,8 @@ def write_revise(
         "duplicate_prompts": inputs.records - unique,
         "revised": quality.revised,
         "failures": sum(failures.values()),
+        "splits": sft.sizes,
     }
-    files = [_relative(out.parent / name, cfg.output_dir) for name in written]
     manifest = Manifest(
         caiforge=__version__,
         pipeline=slcai.NAME,
@@ -328,11 +340,46 @@ def write_revise(
             "quality": figures,
             **({"blend": {**blended, "helpfulness_path": str(cfg.revise.helpfulness_path)}} if blended else {}),
             **({"long_dialogs": long} if long else {}),
+            **({"pairs": {**pairs.sizes, "unchanged_left_out": pairs.left_out}} if cfg.revise.pairs else {}),
         },
     )
     return ReviseResult(
         cfg.output_dir, out, counts, figures, failures, stats, 0.0, manifest.dump(), manifest.warnings, notes
     )
+
+
+@dataclass
+class Split:
+    files: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    left_out: int = 0
+
+
+def trainer_files(
+    cfg: RunConfig, store: Store, descriptor: RunDescriptor, revised: Ids, unchanged: set[str]
+) -> tuple[Split, Split]:
+    """TRL's SFT files per split; with ``--pairs`` each split's second half as preference pairs in every
+    ``--format`` (a revision that changed nothing is no pair: left out, counted)."""
+    options = Options(template=cfg.template, ratios=cfg.splits, shuffle=cfg.shuffle, seed=cfg.seed)
+    sft, pairs = Split(), Split()
+    pair_ids: dict[str, Ids] = {}
+    for name, ids in options.assign(revised).items():
+        sft_ids = ids
+        if cfg.revise.pairs:
+            sft_ids, second = halves(ids)
+            pair_ids[name] = Ids(pid for pid in second if pid not in unchanged)
+            pairs.left_out += len(second) - len(pair_ids[name])
+        sft.sizes[name] = len(sft_ids)
+        sft.files += write_streams(cfg.output_dir, sft_files(name), revisions_of(store, descriptor, sft_ids))
+    if cfg.revise.pairs:
+        pairs.sizes = {name: len(ids) for name, ids in pair_ids.items()}
+
+        def rows(name: str) -> Iterator[Row]:
+            return pair_rows(revisions_of(store, descriptor, pair_ids[name]), cfg.template)
+
+        table = Table(sizes=pairs.sizes, rows=rows, prefix=cfg.output_filename_prefix)
+        pairs.files = write_table(cfg.output_dir, table, cfg.formats)
+    return sft, pairs
 
 
 def _relative(path: Path, base: Path) -> str:
