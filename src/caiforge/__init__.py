@@ -15,6 +15,7 @@ _EXPORTS = {
     "generate_cai_rlaif_candidate_dataset": "compat",
     "RunConfig": "config",
     "build_config": "config",
+    "revise_config": "config",
     "BackendError": "errors",
     "BadModelOutput": "errors",
     "CaiforgeError": "errors",
@@ -26,12 +27,15 @@ _EXPORTS = {
     "RunResult": "pipeline",
     "run": "pipeline",
     "run_async": "pipeline",
+    "ReviseResult": "revise",
+    "revise": "revise",
+    "revise_async": "revise",
     "PromptTemplate": "template",
 }
 
 if TYPE_CHECKING:
     from .compat import generate_ai_preference, generate_cai_rlaif_candidate_dataset
-    from .config import RunConfig, build_config
+    from .config import RunConfig, build_config, revise_config
     from .errors import (
         BackendError,
         BadModelOutput,
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
         TransientError,
     )
     from .pipeline import RunResult, run, run_async
+    from .revise import ReviseResult, revise, revise_async
     from .template import PromptTemplate
 
 
@@ -65,6 +70,7 @@ __all__ = [
     "PermanentError",
     "PromptTemplate",
     "RateLimited",
+    "ReviseResult",
     "RunAborted",
     "RunConfig",
     "RunResult",
@@ -73,6 +79,9 @@ __all__ = [
     "build_config",
     "generate_ai_preference",
     "generate_cai_rlaif_candidate_dataset",
+    "revise",
+    "revise_async",
+    "revise_config",
     "run",
     "run_async",
 ]
