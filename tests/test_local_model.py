@@ -317,3 +317,35 @@ def test_the_f16_copy_is_made_once_kept_whole_and_found_again(tmp_path, monkeypa
     monkeypatch.setenv(local.F16_CACHE_ENV, str(tmp_path / "blocked"))
     monkeypatch.setattr(local, "_F16_COPIES", {})
     assert local._as_f16(default_model_path(), 2) is None and len(made) == 1  # the file's own weights instead
+
+
+@pytest.mark.timeout(3600)  # a few minutes idle; the limit only catches hangs
+def test_revise_with_no_arguments_runs_the_bundled_defaults_on_the_embedded_model(tmp_path):
+    """`caiforge revise` alone: bundled prompts, instructions and dialogs, the real embedded model."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "caiforge", "revise", "--tokens_to_generate", "12", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    out = tmp_path / "caiforge-revise"
+    manifest = json.loads((out / "manifest.json").read_text())
+    bundled_count = len(bundled.path(bundled.PROMPTS).read_text().splitlines())
+    counts = manifest["counts"]
+    assert counts["unique_prompts"] == bundled_count and counts["revised"] + counts["failures"] == bundled_count
+    assert proc.returncode == (0 if counts["revised"] else 1), proc.stderr
+    assert "WARNING" in proc.stdout and manifest["warnings"]
+    assert (
+        manifest["stats"]["requests"]["policy"]
+        == 3 * counts["revised"]
+        + sum(1 for f in (out / "failures.jsonl").read_text().splitlines() if json.loads(f)["stage"] != "initial")
+        + counts["failures"]
+    )  # every step of every prompt asked once: 3 a revised prompt, up to the failed step
+    records = json.loads((out / "cai_output" / "cai_critique_revision_samples.json").read_text())
+    sft = [json.loads(line) for line in (out / "cai_revisions_aligner_chat_template.jsonl").read_text().splitlines()]
+    assert len(records) == len(sft) == counts["revised"]
+    assert all(r["critique_response"].strip() and r["revision_response"].strip() for r in records)
+    assert [s["conversations"][1]["value"] for s in sft] == [r["revision_response"] for r in records]

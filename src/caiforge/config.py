@@ -187,9 +187,8 @@ SL_DEFAULTS: dict[str, Any] = {
             "top_k": 1,
             "top_p": 0.9,
             "repetition_penalty": 1.2,
-            "greedy": True,
-            "tokens_to_generate": 1024,
-            "end_strings": None,
+            "greedy": True,  # tokens_to_generate: 1024 for both seeds (Sampling's default), so not set here: the
+            "end_strings": None,  # bundled local model keeps its short cap (backends/local.py) unless a flag sets it
         },
     },
     "template": {
