@@ -427,7 +427,8 @@ def test_llm_swarms_real_file_gives_instructions_and_its_four_dialogs(run_cli, t
 def test_revise_keeps_the_sl_seeds_defaults_under_flags_and_yaml(tmp_path):
     from caiforge.cli import config_from_args, parser
 
-    args = parser("revise").parse_args(["revise", "--top_k", "5"])
+    server = ["--policy-url", "http://127.0.0.1:9/v1", "--policy-model", "m"]  # nothing is sent: config only
+    args = parser("revise").parse_args(["revise", "--top_k", "5", *server])
     cfg, _ = config_from_args(args)
     s = cfg.policy.sampling
     assert (s.top_k, s.top_p, s.repetition_penalty, s.greedy, s.tokens_to_generate, s.end_strings) == (
@@ -435,6 +436,8 @@ def test_revise_keeps_the_sl_seeds_defaults_under_flags_and_yaml(tmp_path):
     assert cfg.policy.batch_size == 32 and cfg.template.response_extract_pattern == "[/INST]"
     assert cfg.template.user_format == "" and cfg.template.system_format is None
     assert cfg.output_dir == Path("caiforge-revise")
+    local, _ = config_from_args(parser("revise").parse_args(["revise"]))
+    assert local.policy.sampling.tokens_to_generate == 40  # the bundled model's short cap, as for run
     args = parser("revise").parse_args(["revise", "--output-filepath", str(tmp_path / "x" / "y.jsonl")])
     assert config_from_args(args)[0].output_dir == tmp_path / "x"
     run_cfg, _ = config_from_args(parser("run").parse_args(["run"]))
@@ -602,3 +605,59 @@ def test_pairs_take_the_other_half_of_each_split_revision_chosen_initial_rejecte
     manifest = result.json("manifest.json")
     assert manifest["revise"]["pairs"] == {"train": 8, "test": 2, "unchanged_left_out": 0}
     assert manifest["counts"]["splits"] == {"train": 8, "test": 2}
+
+
+def test_nemo_with_apply_chat_template_sends_the_seeds_rendered_strings(run_cli, tmp_path, inputs):
+    from caiforge.template import PromptTemplate
+
+    flags = ["--apply_chat_template", "True", "--user_format", "[INST] {MESSAGE} [/INST]", "--assistant_format",
+             "{MESSAGE}</s> ", "--bos_token", "<s>", "--eos_token", "</s>"]  # fmt: skip
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, *flags, backend="nemo", n=2)
+        sentences = [s for r in server.requests if r.body and not r.is_check for s in r.body["sentences"]]
+    assert result.code == 0, result.stderr
+    template = PromptTemplate(
+        user_format="[INST] {MESSAGE} [/INST]", assistant_format="{MESSAGE}</s> ", system_format=None,
+        system_default_message=None, bos_token="<s>", eos_token="</s>", response_extract_pattern="[/INST]",
+    )  # fmt: skip
+    records = result.json("cai_output/cai_critique_revision_samples.json")
+    expected = [template.format_messages(chat) for r in records for chat in expected_chain(r["initial_prompt"], r)]
+    assert sorted(sentences) == sorted(expected)
+
+
+def test_report_and_export_on_a_revise_folder(run_cli, tmp_path, inputs, capsys):
+    from caiforge.cli import main
+
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, n=2)
+    assert result.code == 0
+    before = (result.out / "report.md").read_text()
+    assert main(["report", str(result.out)]) == 0 and (result.out / "report.md").read_text() == before
+    capsys.readouterr()
+    assert main(["export", str(result.out), "--format", "trl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds no preference pairs to export" in err
+
+
+def test_the_quality_figures_count_mere_refusals_and_unchanged_revisions():
+    from caiforge.quality import QualityTally, is_mere_refusal
+    from caiforge.records import RevisionRecord, Round
+
+    assert is_mere_refusal("I'm sorry, but I can't help with that.")
+    assert is_mere_refusal("I cannot assist with this request.")
+    assert not is_mere_refusal("I can't help with harming the dog. " + "Here is what you can do instead. " * 6)
+    assert not is_mere_refusal("Talk to your neighbour first.")
+
+    def record(initial: str, final: str, instruction: int) -> RevisionRecord:
+        r = Round(instruction=instruction, critique_prompt="c", critique_response="cr", revision_prompt="r",
+                  revision_response=final)  # fmt: skip
+        return RevisionRecord(prompt_id="p", prompt="q", initial_response=initial, rounds=(r,))
+
+    tally = QualityTally()
+    for r in (record("a b", "I won't do that.", 0), record("same", " same ", 1), record("x", "y z w", 1)):
+        tally.add(r)
+    figures = tally.figures(3)
+    assert figures["mere_refusal_rate"] == round(1 / 3, 4) and figures["unchanged_rate"] == round(1 / 3, 4)
+    assert figures["instruction_use"] == [1, 2, 0]
+    assert figures["words_initial"] == {"mean": 1.3, "median": 1.0}
+    assert figures["words_revised"] == {"mean": 2.7, "median": 3.0}  # 4, 1 and 3 words

@@ -179,6 +179,12 @@ def open_run(run_dir: Path) -> Iterator[Stored]:
                 f"{run_dir}: the store describes no run (made before caiforge 0.2?); rerun the same `caiforge run` "
                 "command once to resume it, then export"
             )
+        if descriptor.pipeline != "rl-cai":
+            raise InputError(
+                f"{run_dir}: a `caiforge {'revise' if descriptor.pipeline == 'sl-cai' else descriptor.pipeline}` "
+                "folder holds no preference pairs to export; `revise` writes its trainer files itself (rerun it "
+                "with --pairs and --format: every step is reused from its store)"
+            )
         yield Stored(store=store, descriptor=descriptor, cfg=stored_config(descriptor))
     finally:
         store.close()
