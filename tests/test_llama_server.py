@@ -211,3 +211,32 @@ def test_eval_judge_on_real_harmless_base_pairs(llama, tmp_path, constitution, c
     judged = [r for r in requests if r["path"] == "/v1/chat/completions" and r["status"] == 200]
     assert len(judged) == 4 + 1  # the four judgments and the model-name probe
     assert_no_blind_resend(requests)
+
+
+@pytest.mark.parametrize("policy", ["openai-chat", "openai-completions"])
+def test_revise_chains_whole_conversations_through_the_real_server(run_cli, llama, tmp_path, policy):
+    """SL-CAI on llama-cpp-python's server: each step's request holds the conversation so far (the few-shot
+    dialogs, the prompt, each earlier answer), and the files hold what the server answered."""
+    prompts_path, prompts = write_first_prompts(tmp_path, 2)
+    template = CHATML if policy == "openai-completions" else ()
+    llama.requests()
+    result = run_cli(
+        "revise",
+        "--red-teaming-prompts-dataset-path", str(prompts_path),
+        "--policy-backend", policy, "--policy-url", f"{llama.url}/v1", "--policy-model", "smollm2",
+        "--tokens_to_generate", "16", "--policy-concurrency", "1", *template,
+    )  # fmt: skip
+    requests = [r for r in llama.requests() if r["path"] in ("/v1/chat/completions", "/v1/completions")]
+    assert result.code in (0, 1), result.stderr
+    records = result.json("cai_output/cai_critique_revision_samples.json")
+    failures = result.jsonl("failures.jsonl")
+    assert sorted([r["initial_prompt"] for r in records] + [f["prompt"] for f in failures]) == sorted(prompts)
+    assert all(f["reason"] and f["detail"] for f in failures)
+    work = [r for r in requests if r["status"] == 200 and (r["body"] or {}).get("max_tokens") != 1]
+    texts = [json.dumps(r["body"].get("messages") or r["body"].get("prompt")) for r in work]
+    for record in records:  # the revision request carries the initial answer and the critique before it
+        revision_requests = [t for t in texts if json.dumps(record["critique_response"])[1:-1] in t]
+        assert any(json.dumps(record["initial_response"])[1:-1] in t for t in revision_requests)
+    assert len(work) == 3 * len(records) + sum(
+        {"initial": 1, "critique": 2, "revision": 3}[f["stage"]] for f in failures
+    )

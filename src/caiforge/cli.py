@@ -238,7 +238,7 @@ def _add_local_flags(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--local-threads", type=int, default=s, help="llama.cpp threads (default: cores - 1)")
 
 
-def _add_request_flags(p: argparse.ArgumentParser) -> None:
+def _add_request_flags(p: argparse.ArgumentParser, judge: bool = True) -> None:
     s = argparse.SUPPRESS
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
@@ -255,7 +255,8 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
         help="seconds; retry n waits a random time up to this x 2^(n-1), or the server's Retry-After",
     )
     net.add_argument("--policy-rpm", type=float, default=s, help="cap policy requests per minute, evenly spaced")
-    net.add_argument("--judge-rpm", type=float, default=s, help="cap judge requests per minute (NVIDIA: about 40)")
+    if judge:
+        net.add_argument("--judge-rpm", type=float, default=s, help="cap judge requests per minute (NVIDIA: about 40)")
     net.add_argument(
         "--max-failure-rate",
         type=float,
@@ -351,7 +352,7 @@ def _add_revise_flags(p: argparse.ArgumentParser) -> None:
     _add_run_state_flags(io)
     _add_policy_flags(p, "policy (writes, critiques and revises)", sweep=False)
     _add_local_flags(p)
-    _add_request_flags(p)
+    _add_request_flags(p, judge=False)
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
