@@ -123,6 +123,9 @@ def test_each_step_is_sent_the_whole_conversation_in_the_seeds_order(run_cli, tm
     assert [r["initial_prompt"] for r in records] == prompts(3)
     expected = [chat for r in records for chat in expected_chain(r["initial_prompt"], r)]
     assert sorted(map(json.dumps, sent)) == sorted(map(json.dumps, expected))
+    for r in records:  # and each prompt's steps reached the server in the chain's order
+        mine = [chat for chat in sent if chat[len(FEW_SHOT_TURNS)]["content"] == r["initial_prompt"]]
+        assert mine == expected_chain(r["initial_prompt"], r)
     for r in records:  # critique and revision come from the same instruction
         assert {"critique": r["critique_prompt"], "revision": r["revision_prompt"]} in INSTRUCTIONS
 
@@ -284,17 +287,24 @@ def stored_keys(out: Path) -> set[str]:
         db.close()
 
 
-def test_kill_9_then_rerun_sends_no_finished_step_again(server_process, tmp_path, inputs):
-    """Killed mid-run, the rerun sends exactly the steps the database does not hold, each once."""
+@pytest.mark.parametrize("backend", ["openai-chat", "nemo"])
+def test_kill_9_then_rerun_sends_no_finished_step_again(server_process, tmp_path, inputs, backend):
+    """Killed mid-run, the rerun sends exactly the steps the database does not hold, each once. NeMo batches
+    two prompts a call, so the 100 calls before the kill are half of its 180 steps too."""
     server = server_process("--latency", "0.02")
-    path = write_prompts(tmp_path / "prompts.jsonl", prompts(60))
+    path = write_prompts(tmp_path / "prompts.jsonl", prompts(60 if backend == "openai-chat" else 120))
     out = tmp_path / "out"
+    policy = (
+        ["--policy-url", f"{server.url}/v1", "--policy-model", "fake-policy"]
+        if backend == "openai-chat"
+        else ["--host", "127.0.0.1", "--port", str(server.port), "--batch_size", "2"]
+    )
     cmd = [
         "revise",
         "--red-teaming-prompts-dataset-path", str(path),
         "--critique-revision-instructions-path", str(inputs["instructions"]),
         "--few-shot-prompts-dataset-path", str(inputs["few_shot"]),
-        "--policy-url", f"{server.url}/v1", "--policy-model", "fake-policy",
+        *policy,
         "--policy-concurrency", "4", "--output-dir", str(out), "--quiet",
     ]  # fmt: skip
     events = tmp_path / "events.log"
@@ -307,16 +317,20 @@ def test_kill_9_then_rerun_sends_no_finished_step_again(server_process, tmp_path
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    n = 60 if backend == "openai-chat" else 120
     durable = stored_keys(out)
-    assert 0 < len(durable) < 180
+    assert 0 < len(durable) < n * 3
     server.wait_idle()
     first = len(server.entries())
     resumed = subprocess.run([sys.executable, "-m", "caiforge", *cmd], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     sent_again = stored_keys(out) - durable
-    assert len(server.entries()) - first == len(sent_again)  # each missing step once, and nothing durable
-    assert len(durable) + len(sent_again) == 60 * 3
-    assert len((out / "cai_revisions_aligner_chat_template.jsonl").read_text().splitlines()) == 60
+    again = server.entries()[first:]
+    # each missing step once, and nothing durable (a NeMo call carries up to two steps)
+    asked = sum(len(e["body"]["sentences"][0]["role"]) if backend == "nemo" else 1 for e in again)
+    assert asked == len(sent_again)
+    assert len(durable) + len(sent_again) == n * 3
+    assert len((out / "cai_revisions_aligner_chat_template.jsonl").read_text().splitlines()) == n
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -332,6 +346,7 @@ BAD_INSTRUCTIONS = [
     ("g.json", '{"harmful0": ', "invalid JSON"),
     ("h.json", '{"principles": []}', "not a critique/revision instruction file"),
     ("i.yaml", "[]\n", "the list of critique/revision instructions is empty"),
+    ("j.json", '{"harmful0": {"prompt": ["x"], "edit_request": "y"}, "harmful01": {}}', "harmful1 is missing"),
 ]
 
 
@@ -357,7 +372,7 @@ BAD_FEW_SHOT = [
         '{"samples": [[{"role": "User", "content": ""}, {"role": "Assistant", "content": "y"}]]}',
         "samples[0][0].content: expected a non-empty string",
     ),
-    ('{"samples": [[{"role": "User", "text": "x"}]]}', "samples[0][0]: expected exactly the keys ['content', 'role']"),
+    ('{"samples": [[{"role": "User", "text": "x"}]]}', "samples[0][0]: expected an object with 'role' and 'content'"),
     ('{"samples": {}}', "samples: expected a list of dialogs"),
     ("[1, 2]", "not a few-shot file"),
 ]
@@ -603,7 +618,7 @@ def test_pairs_take_the_other_half_of_each_split_revision_chosen_initial_rejecte
         assert p["rejected"] == records[p["prompt"]]["initial_response"]
     assert len(result.jsonl("nemo-rl/train.jsonl")) == len(result.jsonl("trl/train.jsonl"))
     manifest = result.json("manifest.json")
-    assert manifest["revise"]["pairs"] == {"train": 8, "test": 2, "unchanged_left_out": 0}
+    assert manifest["revise"]["pairs"] == {"train": 8, "test": 2, "unchanged_kept_as_sft": 0}
     assert manifest["counts"]["splits"] == {"train": 8, "test": 2}
 
 
@@ -661,3 +676,65 @@ def test_the_quality_figures_count_mere_refusals_and_unchanged_revisions():
     assert figures["instruction_use"] == [1, 2, 0]
     assert figures["words_initial"] == {"mean": 1.3, "median": 1.0}
     assert figures["words_revised"] == {"mean": 2.7, "median": 3.0}  # 4, 1 and 3 words
+
+
+def test_nemo_collates_the_initial_step_too_when_there_are_no_few_shot_dialogs(run_cli, tmp_path, inputs):
+    empty = tmp_path / "none.json"
+    empty.write_text('{"samples": []}', encoding="utf-8")
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, {**inputs, "few_shot": empty}, backend="nemo", n=2)
+        bodies = [r.body for r in server.requests if r.body and not r.is_check]
+    assert result.code == 0, result.stderr
+    assert all(isinstance(t, dict) for b in bodies for t in b["sentences"])  # never a bare string
+    assert [len(b["sentences"]) for b in bodies] == [1, 3, 5]  # turns: the prompt; + answer, critique; + ...
+
+
+def test_a_bare_output_file_name_keeps_the_run_out_of_the_current_folder(run_cli, tmp_path, inputs, monkeypatch):
+    from caiforge.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    path = write_prompts(tmp_path / "p.jsonl", prompts(2))
+    help_file = tmp_path / "helpful.jsonl"
+    help_file.write_text(json.dumps(helpful(1)[0]) + "\n", encoding="utf-8")
+    with FakeServer(FakeConfig()) as server:
+        code = main([
+            "revise", "--red-teaming-prompts-dataset-path", str(path),
+            "--critique-revision-instructions-path", str(inputs["instructions"]),
+            "--few-shot-prompts-dataset-path", str(inputs["few_shot"]), *policy_flags(server, "openai-chat"),
+            "--output-filepath", "sl.txt", "--helpfulness-dataset-path", str(help_file), "--quiet",
+        ])  # fmt: skip
+    assert code == 0
+    assert sorted(p.name for p in work.iterdir()) == ["cai_output", "caiforge-revise", "sl.txt", "sl.txt.summary.json"]
+    assert len((work / "sl.txt").read_text().splitlines()) == 3  # the blend, not its summary
+    manifest = json.loads((work / "caiforge-revise" / "manifest.json").read_text())
+    for name in manifest["files"]:  # every file the manifest lists is where it says: in the run's folder, or absolute
+        assert (work / "caiforge-revise" / name).exists(), name
+    assert str((work / "sl.txt").resolve()) in manifest["files"]
+
+
+def test_completions_without_turn_formats_are_refused_before_any_request(run_cli, tmp_path, inputs):
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, backend="openai-completions")
+        sent = [r for r in server.requests if r.body and not r.is_check]
+    assert result.code == 2 and sent == [] and "give --user_format and --assistant_format" in result.stderr
+
+
+def test_pairs_nemo_files_use_nemos_template_when_the_flags_give_none(run_cli, tmp_path, inputs):
+    from caiforge.template import PromptTemplate
+
+    with FakeServer(FakeConfig()) as server:
+        result = revise(run_cli, server, tmp_path, inputs, "--pairs", n=6)
+    assert result.code == 0, result.stderr
+    pairs = {p["prompt"]: p for s in ("train", "test") for p in result.jsonl(f"trl/{s}.jsonl")}
+    lines = result.jsonl("cai_rlaif_train_comparisons_with_chat_prompt.jsonl")
+    template = PromptTemplate()
+    expected = [
+        {"text": template.format_with_response(p["prompt"], text)}
+        for p in (pairs[q] for q in [json.loads(line)["text"] for line in
+                  (result.out / "cai_rlaif_train_prompts_with_chat_prompt.jsonl").read_text().splitlines()]
+                  for q in [next(k for k in pairs if template.format_prompt(k) == q)])
+        for text in (p["chosen"], p["rejected"])
+    ]  # fmt: skip
+    assert lines == expected and all("<extra_id_1>Assistant" in line["text"] for line in lines)

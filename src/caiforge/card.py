@@ -177,6 +177,7 @@ def revision_card(manifest: Manifest) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
     words_before, words_after = q.get("words_initial", {}), q.get("words_revised", {})
+    drawn = ", ".join(f"#{i}: {n}" for i, n in enumerate(q.get("instruction_use", []))) or "none"
     lines = [
         "# caiforge critique-and-revision dataset (SL-CAI)",
         "",
@@ -199,6 +200,7 @@ def revision_card(manifest: Manifest) -> str:
         f"| unchanged from the initial answer | {pct('unchanged_rate')} |",
         f"| words, initial -> revised | mean {words_before.get('mean')} -> {words_after.get('mean')}, median "
         f"{words_before.get('median')} -> {words_after.get('median')} |",
+        f"| instructions drawn (by index) | {drawn} |",
         f"| seed | {cfg.get('seed')} |",
         *(
             [

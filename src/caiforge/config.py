@@ -213,13 +213,15 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def revise_config(data: dict[str, Any]) -> RunConfig:
-    """A ``revise`` config: the SL seed's defaults under ``data``; the output folder is the SFT file's unless
-    named (so the seed's ``cai_output/`` lands beside it, and the run's store with it)."""
+    """A ``revise`` config: the SL seed's defaults under ``data``; the run's folder is the SFT file's unless
+    named or the current one (the seed's ``cai_output/`` always lands beside the SFT file)."""
     data = merged(SL_DEFAULTS, data)
     revise = data.get("revise") or {}
     if "output_dir" not in data:
         out = revise.get("output_filepath") if isinstance(revise, dict) else None
-        data["output_dir"] = Path(out).parent if out else Path(DEFAULT_REVISE_DIR)
+        parent = Path(out).parent if out else Path(".")
+        # A bare file name (the seed's usual call) keeps the run's files out of the current folder.
+        data["output_dir"] = parent if parent != Path(".") else Path(DEFAULT_REVISE_DIR)
     return build_config(data)
 
 

@@ -87,6 +87,14 @@ def _keys(path: Path, entry: str, value: Any, keys: set[str]) -> dict[str, Any]:
     return value
 
 
+def _turn(path: Path, entry: str, value: Any) -> dict[str, Any]:
+    """A dialog turn: ``role`` and ``content`` (other keys, such as NeMo's ``label``, are allowed and unused)."""
+    if not isinstance(value, dict) or not {"role", "content"} <= set(value):
+        got = sorted(value) if isinstance(value, dict) else _shown(value)
+        raise InputError(f"{path}: {entry}: expected an object with 'role' and 'content', got {got}")
+    return value
+
+
 def load_instructions(path: Path) -> Instructions:
     data = _load(path, "critique/revision instructions")
     if isinstance(data, dict) and data and all(NEMO_KEY.fullmatch(str(k)) for k in data):
@@ -113,13 +121,13 @@ def load_instructions(path: Path) -> Instructions:
 
 
 def _nemo(path: Path, data: dict[str, Any]) -> tuple[Instruction, ...]:
-    indices = sorted(int(NEMO_KEY.fullmatch(k).group(1)) for k in data)  # type: ignore[union-attr]
     expected = list(range(len(data)))
-    if indices != expected:
-        missing = sorted(set(expected) - set(indices))
+    missing = [i for i in expected if f"harmful{i}" not in data]
+    if missing:
+        odd = sorted(set(data) - {f"harmful{i}" for i in expected})
         raise InputError(
             f"{path}: keys must run harmful0 to harmful{len(data) - 1}, as NeMo's script reads them; "
-            f"harmful{missing[0]} is missing"
+            f"harmful{missing[0]} is missing (found {', '.join(odd)})"
         )
     items = []
     for i in expected:
@@ -175,7 +183,7 @@ def _dialogs(path: Path, key: str, dialogs: Any) -> tuple[Message, ...]:
         if not isinstance(dialog, list) or not dialog:
             raise InputError(f"{path}: {where}: expected a non-empty list of {{role, content}} turns")
         for t, turn in enumerate(dialog):
-            e = _keys(path, f"{where}[{t}]", turn, {"role", "content"})
+            e = _turn(path, f"{where}[{t}]", turn)
             role = e["role"].lower() if isinstance(e["role"], str) else e["role"]
             expected = "user" if t % 2 == 0 else "assistant"
             if role != expected:

@@ -44,7 +44,7 @@ class Request:
     def batch_key(self) -> tuple[Any, ...]:
         """Requests that may share one batched call: NeMo takes one set of sampling settings per call, and
         collates chats turn by turn, so chats of several turns share a call only with the same role sequence."""
-        roles = tuple(m["role"] for m in self.messages) if len(self.messages) > 1 else ()
+        roles = tuple(m["role"] for m in self.messages)
         return (self.temperature, self.seed, self.max_tokens, self.logprobs, self.schema is not None, roles)
 
     def key(self, identity: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ continues), and the summary, manifest, card and report say what the revisions ar
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from .sft_blend import blend, read_sft, summary_path
 from .sl_files import DEFAULT_OUTPUT_FILE, SAMPLES_FILE, failure_file, seed_files
 from .sl_formats import halves, pair_rows, sft_files
 from .store import DB_NAME, Store
+from .template import PromptTemplate
 from .writers import Options
 
 INSTRUCTIONS = "critique_revision.yaml"
@@ -99,6 +101,13 @@ def load_inputs(cfg: RunConfig) -> ReviseInputs:
         few_shot, source = instructions.few_shot, f"{instructions_path} (system_chat)"
     else:
         few_shot, source = load_few_shot(bundled.path(FEW_SHOT)), "bundled"
+    t = cfg.template
+    if cfg.policy.backend == "openai-completions" and not (t.user_format and t.assistant_format):
+        raise InputError(
+            "--policy-backend openai-completions: a completions endpoint has no chat template, and revise sends whole "
+            "conversations; give --user_format and --assistant_format (e.g. '[INST] {MESSAGE} [/INST]' and "
+            "'{MESSAGE}</s> '), or use --policy-backend openai-chat"
+        )
     if r.helpfulness_path is not None:
         read_sft(r.helpfulness_path)  # every record checked before any request (the seed asserts at the end)
     count_tokens = load_counter(r.tokenizer_model, r.tokenizer_library) if r.max_seq_length else None
@@ -150,7 +159,8 @@ class ReviseResult:
                 f"  revisions: {100 * q['mere_refusal_rate']:.1f}% mere refusals, {100 * q['unchanged_rate']:.1f}% "
                 f"unchanged; words {q['words_initial']['mean']:g} -> {q['words_revised']['mean']:g} (mean)"
             )
-            lines.append("  instruction use: " + ", ".join(str(k) for k in q["instruction_use"]))
+            use = ", ".join(f"#{i} {k}" for i, k in enumerate(q["instruction_use"]))
+            lines.append(f"  instructions drawn: {use}")
         lines.append(
             f"  policy requests: {s.requests['policy']} sent, {s.retries['policy']} retried, "
             f"{s.cached['policy']} reused from {DB_NAME}"
@@ -284,13 +294,13 @@ def write_revise(
     blended: dict[str, int] = {}
     if cfg.revise.helpfulness_path is not None:  # as the seed: the blend replaces the SFT file
         blended = blend(cfg.revise.helpfulness_path, out.parent / SAMPLES_FILE, out, cfg.seed)
-        written.append(str(summary_path(out)))
+        written.append(os.path.relpath(summary_path(out), out.parent))
     long: dict[str, Any] = {}
     too_long: list[FailureRecord] = []
     limit = cfg.revise.max_seq_length
     if limit is not None and inputs.count_tokens is not None:
         removed, cai = remove_long(out, limit, inputs.count_tokens)
-        written += [removed["output_file"], str(out.parent / LONG_DIR / LONG_STATS)]
+        written += [os.path.relpath(removed["output_file"], out.parent), f"{LONG_DIR}/{LONG_STATS}"]
         long = {"max_seq_length": limit, "removed": removed["num_removed_ids"], "removed_cai": len(cai)}
         for prompt, n in cai:
             detail = f"{n} tokens, over --max-seq-length {limit}: left out of {LONG_DIR}/ (kept in {out.name})"
@@ -302,6 +312,9 @@ def write_revise(
             failures["dataset: over length"] += 1
     write_streams(cfg.output_dir, failure_file(), itertools.chain(revisions(store, descriptor), too_long))
     files = [_relative(out.parent / name, cfg.output_dir) for name in written]
+    if too_long:  # dropped: not in the trainer files, not counted as revised (they stay in the seed's files)
+        dropped = {f.prompt_id for f in too_long}
+        revised = Ids(pid for pid in revised if pid not in dropped)
     sft, pairs = trainer_files(cfg, store, descriptor, revised, unchanged)
     files += sft.files + pairs.files
     figures = quality.figures(len(inputs.instructions.items))
@@ -310,7 +323,7 @@ def write_revise(
         "bad_records": len(inputs.bad),
         "unique_prompts": unique,
         "duplicate_prompts": inputs.records - unique,
-        "revised": quality.revised,
+        "revised": len(revised),
         "failures": sum(failures.values()),
         "splits": sft.sizes,
     }
@@ -340,7 +353,7 @@ def write_revise(
             "quality": figures,
             **({"blend": {**blended, "helpfulness_path": str(cfg.revise.helpfulness_path)}} if blended else {}),
             **({"long_dialogs": long} if long else {}),
-            **({"pairs": {**pairs.sizes, "unchanged_left_out": pairs.left_out}} if cfg.revise.pairs else {}),
+            **({"pairs": {**pairs.sizes, "unchanged_kept_as_sft": pairs.left_out}} if cfg.revise.pairs else {}),
         },
     )
     return ReviseResult(
@@ -359,7 +372,7 @@ def trainer_files(
     cfg: RunConfig, store: Store, descriptor: RunDescriptor, revised: Ids, unchanged: set[str]
 ) -> tuple[Split, Split]:
     """TRL's SFT files per split; with ``--pairs`` each split's second half as preference pairs in every
-    ``--format`` (a revision that changed nothing is no pair: left out, counted)."""
+    ``--format`` (a revision that changed nothing is no pair: it stays SFT data, counted)."""
     options = Options(template=cfg.template, ratios=cfg.splits, shuffle=cfg.shuffle, seed=cfg.seed)
     sft, pairs = Split(), Split()
     pair_ids: dict[str, Ids] = {}
@@ -368,6 +381,9 @@ def trainer_files(
         if cfg.revise.pairs:
             sft_ids, second = halves(ids)
             pair_ids[name] = Ids(pid for pid in second if pid not in unchanged)
+            for pid in second:
+                if pid in unchanged:
+                    sft_ids.append(pid)
             pairs.left_out += len(second) - len(pair_ids[name])
         sft.sizes[name] = len(sft_ids)
         sft.files += write_streams(cfg.output_dir, sft_files(name), revisions_of(store, descriptor, sft_ids))
@@ -375,18 +391,26 @@ def trainer_files(
         pairs.sizes = {name: len(ids) for name, ids in pair_ids.items()}
 
         def rows(name: str) -> Iterator[Row]:
-            return pair_rows(revisions_of(store, descriptor, pair_ids[name]), cfg.template)
+            return pair_rows(revisions_of(store, descriptor, pair_ids[name]), pair_template(cfg))
 
         table = Table(sizes=pairs.sizes, rows=rows, prefix=cfg.output_filename_prefix)
         pairs.files = write_table(cfg.output_dir, table, cfg.formats)
     return sft, pairs
 
 
+def pair_template(cfg: RunConfig) -> PromptTemplate:
+    """The template of the pairs' NeMo files: the flags' when they name turn formats, else NeMo's ``<extra_id_*>``
+    (``run``'s default). The SL seed's empty formats would glue prompt and answer into one string."""
+    t = cfg.template
+    return t if t.user_format and t.assistant_format else PromptTemplate()
+
+
 def _relative(path: Path, base: Path) -> str:
+    """A file's name in the manifest: relative to the run's folder, or absolute when it lies outside it."""
     try:
         return path.resolve().relative_to(base.resolve()).as_posix()
     except ValueError:
-        return str(path)
+        return str(path.resolve())
 
 
 def _finish_manifest(cfg: RunConfig, result: ReviseResult, started_wall: float) -> None:

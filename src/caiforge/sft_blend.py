@@ -52,8 +52,10 @@ def read_sft(path: Path, what: str = "helpfulness dataset") -> list[dict[str, An
 
 def summary_path(output: Path) -> Path:
     """The seed's name, bug for bug: ``str.replace(".json", ".summary.json")``, so ``x.jsonl`` gives
-    ``x.summary.jsonl``; a script that looks for the seed's summary finds it."""
-    return Path(str(output).replace(".json", ".summary.json"))
+    ``x.summary.jsonl``; a script that looks for the seed's summary finds it. A name without ``.json``, which
+    the seed would overwrite with its summary, gets ``.summary.json`` appended."""
+    found = Path(str(output).replace(".json", ".summary.json"))
+    return found if found != output else output.with_name(output.name + ".summary.json")
 
 
 def blend(helpfulness: Path, cai: Path, output: Path, seed: int) -> dict[str, int]:

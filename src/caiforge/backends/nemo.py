@@ -67,11 +67,11 @@ class NemoBackend:
         return found
 
     def _sentences(self, requests: list[Request]) -> list[Any]:
-        """Strings through the template, or (``apply_chat_template`` off, chats of several turns) the seed's
+        """Strings through the template, or (``apply_chat_template`` off: every chat, one turn or many) the seed's
         collated message lists: one ``{"role": [...], "content": [...]}`` per turn, across the batch, which the
         server splits back into conversations. The engine batches only chats of the same role sequence
         (``Request.batch_key``), which collation needs."""
-        if self.o.apply_chat_template or any(r.prompt is not None or r.user_turn is not None for r in requests):
+        if self.o.apply_chat_template or any(r.prompt is not None for r in requests):
             return [self._sentence(r) for r in requests]
         turns = len(requests[0].messages)
         return [
