@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -167,3 +168,12 @@ def server_process(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+def stored_keys(out: Path) -> set[str]:
+    """The store keys of every reply a run's database holds (what a rerun will not ask again)."""
+    db = sqlite3.connect(out / "caiforge.db")
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM replies")}
+    finally:
+        db.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from caiforge.store import DURABILITY_BOUND
 from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault
-from conftest import server_flags, write_prompts
+from conftest import server_flags, stored_keys, write_prompts
 
 DATASET_FILES = (
     "cai_candidate_dataset.json",
@@ -67,14 +66,6 @@ def run_prompts(run_cli, fake, tmp_path, constitution, n: int, *extra: str, poli
 
 def key(entry: dict) -> str:
     return json.dumps(entry["body"], sort_keys=True)
-
-
-def stored_keys(out: Path) -> set[str]:
-    db = sqlite3.connect(out / "caiforge.db")
-    try:
-        return {row[0] for row in db.execute("SELECT key FROM replies")}
-    finally:
-        db.close()
 
 
 def test_kill_9_then_rerun_repeats_only_what_was_in_flight_or_finished_within_the_commit_interval(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from caiforge.instructions import load_few_shot, load_instructions
 from caiforge.sl_files import nemo_sft_record
 from caiforge.testing.fake_server import FakeConfig, FakeServer, explode_chat
-from conftest import shared, write_prompts
+from conftest import shared, stored_keys, write_prompts
 
 INSTRUCTIONS = [
     {"critique": "Critique A: is it harmful?", "revision": "Revise A: remove the harm."},
@@ -277,14 +276,6 @@ def test_a_rerun_sends_nothing_again(run_cli, tmp_path, inputs):
 
 
 # -- resume after kill -9 ---------------------------------------------------------------------------------------
-
-
-def stored_keys(out: Path) -> set[str]:
-    db = sqlite3.connect(out / "caiforge.db")
-    try:
-        return {row[0] for row in db.execute("SELECT key FROM replies")}
-    finally:
-        db.close()
 
 
 @pytest.mark.parametrize("backend", ["openai-chat", "nemo"])

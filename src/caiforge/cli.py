@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -645,12 +645,11 @@ def _eval_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _revise(args: argparse.Namespace) -> int:
-    from .revise import revise  # imported late: `caiforge --help` stays fast
-
+def _generate(args: argparse.Namespace, command: Callable[[Any, bool], Any], made: str, what: str) -> int:
+    """``run`` and ``revise``: config, the run, the summary; exit 2 for bad input, 1 for a failed or empty run."""
     try:
         cfg, fresh = config_from_args(args)
-        result = revise(cfg, fresh=fresh)
+        result = command(cfg, fresh)
     except InputError as exc:
         print(f"caiforge: error: {exc}", file=sys.stderr)
         return 2
@@ -661,8 +660,8 @@ def _revise(args: argparse.Namespace) -> int:
         print(f"caiforge: failed: {exc}", file=sys.stderr)
         return 1
     print(result.summary())
-    if result.revised == 0:
-        print("caiforge: failed: no revisions were made; see failures.jsonl for why", file=sys.stderr)
+    if getattr(result, made) == 0:
+        print(f"caiforge: failed: no {what} were made; see failures.jsonl for why", file=sys.stderr)
         return 1
     return 0
 
@@ -701,26 +700,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "eval-judge":
         return _eval_judge(args)
     if args.command == "revise":
-        return _revise(args)
-    from .pipeline import run  # imported late: `caiforge --help` stays fast
+        from .revise import revise  # imported late: `caiforge --help` stays fast
 
-    try:
-        cfg, fresh = config_from_args(args)
-        result = run(cfg, fresh=fresh)
-    except InputError as exc:
-        print(f"caiforge: error: {exc}", file=sys.stderr)
-        return 2
-    except RunAborted as exc:
-        print(f"\ncaiforge: {exc}", file=sys.stderr)
-        return 1
-    except CaiforgeError as exc:
-        print(f"caiforge: failed: {exc}", file=sys.stderr)
-        return 1
-    print(result.summary())
-    if result.pairs == 0:
-        print("caiforge: failed: no pairs were made; see failures.jsonl for why", file=sys.stderr)
-        return 1
-    return 0
+        return _generate(args, revise, "revised", "revisions")
+    from .pipeline import run
+
+    return _generate(args, run, "pairs", "pairs")
 
 
 if __name__ == "__main__":

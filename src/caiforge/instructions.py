@@ -104,20 +104,26 @@ def load_instructions(path: Path) -> Instructions:
     if isinstance(data, list):
         if not data:
             raise InputError(f"{path}: the list of critique/revision instructions is empty")
-        items = []
-        for i, entry in enumerate(data):
-            e = _keys(path, f"entry {i}", entry, {"critique", "revision"})
-            items.append(
-                Instruction(
-                    _text(path, f"entry {i}.critique", e["critique"]).strip(),
-                    _text(path, f"entry {i}.revision", e["revision"]).strip(),
-                )
-            )
-        return Instructions(tuple(items), form="list")
+        return Instructions(_pairs(path, data, "entry {}", "critique"), form="list")
     raise InputError(
         f'{path}: not a critique/revision instruction file: expected NeMo\'s {{"harmful0": {{"prompt": [...], '
         '"edit_request": ...}}}}, llm-swarm\'s {"constitutions": [...]}, or a list of {critique, revision}'
     )
+
+
+def _pairs(path: Path, entries: list[Any], where: str, critique: str) -> tuple[Instruction, ...]:
+    """``[{critique, revision}]`` (llm-swarm names the first ``critic``), each text stripped."""
+    items = []
+    for i, entry in enumerate(entries):
+        at = where.format(i)
+        e = _keys(path, at, entry, {critique, "revision"})
+        items.append(
+            Instruction(
+                _text(path, f"{at}.{critique}", e[critique]).strip(),
+                _text(path, f"{at}.revision", e["revision"]).strip(),
+            )
+        )
+    return tuple(items)
 
 
 def _nemo(path: Path, data: dict[str, Any]) -> tuple[Instruction, ...]:
@@ -151,15 +157,7 @@ def _llm_swarm(path: Path, data: dict[str, Any]) -> Instructions:
     entries = data["constitutions"]
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: constitutions: expected a non-empty list of {{critic, revision}}")
-    items = []
-    for i, entry in enumerate(entries):
-        e = _keys(path, f"constitutions[{i}]", entry, {"critic", "revision"})
-        items.append(
-            Instruction(
-                _text(path, f"constitutions[{i}].critic", e["critic"]).strip(),
-                _text(path, f"constitutions[{i}].revision", e["revision"]).strip(),
-            )
-        )
+    items = _pairs(path, entries, "constitutions[{}]", "critic")
     few_shot = _dialogs(path, "system_chat", data["system_chat"]) if "system_chat" in data else ()
     return Instructions(tuple(items), few_shot, form="llm-swarm")
 

@@ -10,12 +10,14 @@ a time, so no output needs the run in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .keys import content_key, sha256_text
 from .store import Store
+
+R = TypeVar("R")
 
 
 def prompt_id(text: str) -> str:
@@ -211,22 +213,28 @@ PAIRS_BATCH = 500  # ids per query: well under SQLite's 32,766 host parameters, 
 def pairs_of(store: Store, descriptor: RunDescriptor, ids: Iterable[str]) -> Iterator[PairRecord]:
     """The pairs of ``ids``, in that order (a split's rank order), read a batch at a time: random reads by
     primary key, so writing a split never holds more than one batch of records."""
+    return _of(store, descriptor, ids, "pair", PairRecord.from_json)
+
+
+def _of(
+    store: Store, descriptor: RunDescriptor, ids: Iterable[str], status: str, decode: Callable[[dict[str, Any]], R]
+) -> Iterator[R]:
     key, batch = descriptor.key(), []
     for pid in ids:
         batch.append(pid)
         if len(batch) == PAIRS_BATCH:
-            yield from _batch(store, key, batch)
+            yield from _batch(store, key, batch, status, decode)
             batch = []
-    yield from _batch(store, key, batch)
+    yield from _batch(store, key, batch, status, decode)
 
 
-def _batch(store: Store, key: str, ids: list[str]) -> Iterator[PairRecord]:
-    found = {pid: data for pid, status, data in store.results_of(key, ids) if status == "pair"}
+def _batch(store: Store, key: str, ids: list[str], status: str, decode: Callable[[dict[str, Any]], R]) -> Iterator[R]:
+    found = {pid: data for pid, found_status, data in store.results_of(key, ids) if found_status == status}
     for pid in ids:
         data = found.get(pid)
         if data is None:
-            raise LookupError(f"prompt {pid} has no pair under this run's descriptor (the store changed?)")
-        yield PairRecord.from_json(data)
+            raise LookupError(f"prompt {pid} has no {status} under this run's descriptor (the store changed?)")
+        yield decode(data)
 
 
 def pending(store: Store, descriptor: RunDescriptor) -> int:
@@ -237,19 +245,4 @@ def pending(store: Store, descriptor: RunDescriptor) -> int:
 
 def revisions_of(store: Store, descriptor: RunDescriptor, ids: Iterable[str]) -> Iterator[RevisionRecord]:
     """:func:`pairs_of` for a revise run: the revisions of ``ids``, in that order, a batch at a time."""
-    key, batch = descriptor.key(), []
-    for pid in ids:
-        batch.append(pid)
-        if len(batch) == PAIRS_BATCH:
-            yield from _revision_batch(store, key, batch)
-            batch = []
-    yield from _revision_batch(store, key, batch)
-
-
-def _revision_batch(store: Store, key: str, ids: list[str]) -> Iterator[RevisionRecord]:
-    found = {pid: data for pid, status, data in store.results_of(key, ids) if status == "revision"}
-    for pid in ids:
-        data = found.get(pid)
-        if data is None:
-            raise LookupError(f"prompt {pid} has no revision under this run's descriptor (the store changed?)")
-        yield RevisionRecord.from_json(data)
+    return _of(store, descriptor, ids, "revision", RevisionRecord.from_json)
