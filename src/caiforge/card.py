@@ -41,6 +41,11 @@ def dataset_card(manifest: Manifest) -> str:
         f"| unique prompts | {counts.unique_prompts} ({counts.duplicate_prompts} duplicates merged) |",
         f"| pairs | {counts.pairs} ({splits}) |",
         f"| failures | {counts.failures} (see `failures.jsonl`) |",
+        *(
+            [f"| human reviews | {r.get('flagged', 0)} pairs flagged and left out, {r.get('swapped', 0)} swapped |"]
+            if (r := manifest.reviews)
+            else []
+        ),
         f"| seed | {cfg['seed']} |",
         "",
         "## Known limitations",

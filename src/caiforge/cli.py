@@ -572,6 +572,11 @@ def _export(directory: Path, formats: list[str] | None, output_dir: Path | None,
     for name in done.files:
         print(f"wrote {done.output_dir / name}")
     print(f"caiforge: exported {done.pairs} pairs from {done.prompts} prompts")
+    if done.reviews:
+        print(
+            f"caiforge: honoured the reviews: {done.reviews.get('flagged', 0)} flagged pairs left out, "
+            f"{done.reviews.get('swapped', 0)} written swapped"
+        )
     if done.pending:
         print(
             f"caiforge: the run is not finished: {done.pending} of {done.prompts} prompts have no outcome yet; "

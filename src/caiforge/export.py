@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .inputs import check_blend_files, read_text
 from .manifest import Counts, Manifest
 from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files, write_stream, write_streams
-from .records import PairRecord, Record, RunDescriptor, pairs_of, pending, records
+from .records import PairRecord, Record, Reviews, RunDescriptor, pairs_of, pending, records
 from .store import DB_NAME, Store
 from .template import PromptTemplate
 from .writers import Blend, Dataset, Formatted, Options, Tally, blend_files, check, failure_files, record_files
@@ -70,14 +70,21 @@ def dataset_of(cfg: RunConfig, found: Iterable[Record], blend: bool = True) -> D
 class Written:
     files: list[str]  # relative to the folder, in the order written
     tally: Tally  # the manifest's counts
-    splits: dict[str, Ids]  # the usable pairs' ids per split, in each split's order
+    splits: dict[str, Ids]  # the usable pairs' ids per split, in each split's order (flagged ones left out)
+    reviews: dict[str, int] = field(default_factory=dict)  # pairs flagged (left out) and swapped by a person
 
 
-def run_table(store: Store, descriptor: RunDescriptor, options: Options, splits: Mapping[str, Sequence[str]]) -> Table:
+def run_table(
+    store: Store,
+    descriptor: RunDescriptor,
+    options: Options,
+    splits: Mapping[str, Sequence[str]],
+    reviews: Reviews | None = None,
+) -> Table:
     """A run's rows per split, read from its store in the split's order each time a split is written."""
 
     def rows(name: str) -> Iterator[Row]:
-        return run_rows(pairs_of(store, descriptor, splits[name]), options.template, options.judge_mode)
+        return run_rows(pairs_of(store, descriptor, splits[name], reviews), options.template, options.judge_mode)
 
     return Table(sizes={name: len(ids) for name, ids in splits.items()}, rows=rows, prefix=options.prefix)
 
@@ -113,18 +120,35 @@ def write_outputs(
     encoders = {**record_files(on_preference), **failure_files()}
     files = write_streams(directory, encoders, checked) if seed_files else []
     deque(checked, maxlen=0)  # without the seed's files the pass only counts (and collects the usable ids)
-    splits = options.assign(tally.usable)
-    files += write_table(directory, run_table(store, descriptor, options, splits), formats)
+    reviews = Reviews.of(store, descriptor)
+    splits = reviewed_splits(options.assign(tally.usable), reviews)
+    files += write_table(directory, run_table(store, descriptor, options, splits, reviews), formats)
     if blend and options.blend is not None:
 
         def own(split_name: str, ranks: list[int]) -> list[Formatted]:
             ids = [splits[split_name][k] for k in ranks]
-            return [_nemo(options.template, pair) for pair in pairs_of(store, descriptor, ids)]
+            return [_nemo(options.template, pair) for pair in pairs_of(store, descriptor, ids, reviews)]
 
         for name, lines in blend_files(options.blend, options.prefix, splits, options.seed, own):
             write_stream(directory / name, lines)
             files.append(name)
-    return Written(files=files, tally=tally, splits=splits)
+    return Written(files=files, tally=tally, splits=splits, reviews=review_counts(reviews, splits))
+
+
+def reviewed_splits(splits: dict[str, Ids], reviews: Reviews) -> dict[str, Ids]:
+    """Each split without the pairs a person flagged. The assignment is made first, so a flag removes its pair
+    and moves no other pair to another split."""
+    if not reviews.flagged:
+        return splits
+    return {name: Ids(pid for pid in ids if pid not in reviews.flagged) for name, ids in splits.items()}
+
+
+def review_counts(reviews: Reviews, splits: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """What the reviews changed in these files: pairs left out, and pairs written swapped."""
+    if not (reviews.flagged or reviews.swapped):
+        return {}
+    kept = sum(1 for ids in splits.values() for pid in ids if pid in reviews.swapped)
+    return {"flagged": len(reviews.flagged), "swapped": kept}
 
 
 def _nemo(template: PromptTemplate, pair: PairRecord) -> Formatted:
@@ -144,6 +168,7 @@ def stored_config(descriptor: RunDescriptor) -> RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Exported:
+    reviews: dict[str, int] = field(default_factory=dict)
     output_dir: Path
     files: list[str]
     pairs: int
@@ -198,7 +223,12 @@ def export(run_dir: Path, formats: tuple[str, ...], output_dir: Path | None = No
         written = write_outputs(run.store, run.descriptor, options, out, seed_files=False, formats=formats)
         missing, prompts = run.pending(), run.prompts()
     return Exported(
-        output_dir=out, files=sorted(written.files), pairs=len(written.tally.usable), pending=missing, prompts=prompts
+        output_dir=out,
+        files=sorted(written.files),
+        pairs=sum(len(ids) for ids in written.splits.values()),
+        pending=missing,
+        prompts=prompts,
+        reviews=written.reviews,
     )
 
 
@@ -232,13 +262,13 @@ def usable_splits(run: Stored, options: Options) -> dict[str, Ids]:
     """The run's split assignment, from one counting pass over its records (no file written)."""
     tally = Tally()
     deque(tally.count(check(options.template, r) for r in records(run.store, run.descriptor)), maxlen=0)
-    return options.assign(tally.usable)
+    return reviewed_splits(options.assign(tally.usable), Reviews.of(run.store, run.descriptor))
 
 
 def _run_source(run: Stored, run_dir: Path, amount: str | None) -> tuple[Source, RunConfig]:
     """A run's usable pairs by reference, in its split order; their texts are read again when written."""
     splits = usable_splits(run, options_of(run.cfg, blend=False))
-    fetch = partial(pairs_of, run.store, run.descriptor)
+    fetch = partial(pairs_of, run.store, run.descriptor, reviews=Reviews.of(run.store, run.descriptor))
     pairs: list[Ref] = [
         RunPair(
             prompt_id=pair.prompt_id, key=leak_key(clean(pair.prompt)), split=name, source=run_dir.name, fetch=fetch

@@ -73,6 +73,7 @@ class Manifest(_Lenient):
     formats: list[str] = []  # trainer formats written besides the seed's files
     files: list[str] = []  # every dataset file written, relative to the run folder
     blend: dict[str, Any] = {}  # a blend: its seed, ratios, sources (rows, amount, taken) and leaks moved
+    reviews: dict[str, int] = {}  # pairs a person flagged (left out of every export) and swapped (caiforge view)
     pipeline: str = "rl-cai"  # "sl-cai": a revise run
     revise: dict[str, Any] = {}  # revise: instructions, few-shot turns, rounds, and the quality figures
 

@@ -355,6 +355,7 @@ def write_run(
         warnings=warnings,
         formats=list(cfg.formats),
         files=sorted(written.files),
+        **({"reviews": written.reviews} if written.reviews else {}),
     )
     manifest.write(cfg.output_dir)
     write_atomic(cfg.output_dir / "README.md", dataset_card(manifest))

@@ -11,7 +11,7 @@ a time, so no output needs the run in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from .keys import content_key, sha256_text
@@ -89,6 +89,19 @@ class PairRecord:
     @property
     def rejected(self) -> str:
         return self.responses[self.rejected_t]
+
+    def swapped(self) -> PairRecord:
+        """The pair a person judged the other way round: chosen and rejected exchanged, with their positions,
+        and the soft label turned (P(chosen) becomes 1 - P)."""
+        prob = None if self.chosen_prob is None else round(1.0 - self.chosen_prob, 6)
+        return replace(
+            self,
+            chosen_t=self.rejected_t,
+            rejected_t=self.chosen_t,
+            chosen_position=self.rejected_position,
+            rejected_position=self.chosen_position,
+            chosen_prob=prob,
+        )
 
     def to_json(self) -> dict[str, Any]:
         data = _shallow(self)  # asdict's deep copy was a tenth of the pipeline's own CPU (profiled)
@@ -210,10 +223,32 @@ def records(store: Store, descriptor: RunDescriptor | None = None) -> Iterator[R
 PAIRS_BATCH = 500  # ids per query: well under SQLite's 32,766 host parameters, and few records held at once
 
 
-def pairs_of(store: Store, descriptor: RunDescriptor, ids: Iterable[str]) -> Iterator[PairRecord]:
+def pairs_of(
+    store: Store, descriptor: RunDescriptor, ids: Iterable[str], reviews: Reviews | None = None
+) -> Iterator[PairRecord]:
     """The pairs of ``ids``, in that order (a split's rank order), read a batch at a time: random reads by
-    primary key, so writing a split never holds more than one batch of records."""
-    return _of(store, descriptor, ids, "pair", PairRecord.from_json)
+    primary key, so writing a split never holds more than one batch of records. With ``reviews``, a pair a
+    person swapped comes out swapped (flagged ones are the caller's to leave out of ``ids``)."""
+    found = _of(store, descriptor, ids, "pair", PairRecord.from_json)
+    if reviews is None or not reviews.swapped:
+        return found
+    return (p.swapped() if p.prompt_id in reviews.swapped else p for p in found)
+
+
+@dataclass(frozen=True)
+class Reviews:
+    """A run's human reviews: flagged pairs are left out of every export, swapped ones exchanged."""
+
+    flagged: frozenset[str] = frozenset()
+    swapped: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, store: Store, descriptor: RunDescriptor) -> Reviews:
+        found = store.reviews(descriptor.key())
+        return cls(
+            frozenset(p for p, (a, _, _) in found.items() if a == "flag"),
+            frozenset(p for p, (a, _, _) in found.items() if a == "swap"),
+        )
 
 
 def _of(

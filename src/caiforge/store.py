@@ -97,6 +97,19 @@ def _m003_one_reply_table_and_run_records(db: sqlite3.Connection) -> None:
     )
 
 
+def _m004_reviews(db: sqlite3.Connection) -> None:
+    """A person's verdict on a pair (``caiforge view``): ``flag`` leaves it out of every export, ``swap`` exchanges
+    chosen and rejected. One per prompt of a run; clearing deletes the row."""
+    db.executescript(
+        """
+        CREATE TABLE reviews (
+            run_key TEXT NOT NULL, prompt_id TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('flag', 'swap')), note TEXT, created REAL NOT NULL,
+            PRIMARY KEY (run_key, prompt_id));
+        """
+    )
+
+
 def _lock(path: Path) -> IO[bytes] | None:
     """An exclusive advisory lock (POSIX flock; released by the OS even after kill -9)."""
     try:
@@ -118,6 +131,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m001_initial,
     _m002_judge_calls_and_verdicts,
     _m003_one_reply_table_and_run_records,
+    _m004_reviews,
 ]
 
 
@@ -344,6 +358,21 @@ class Store:
             (attempt,),
         )
         yield from rows
+
+    # -- human reviews (#13) -----------------------------------------------------------------------------
+    def set_review(self, run_key: str, prompt_id: str, action: str | None, note: str | None = None) -> None:
+        """Record (or with ``action=None`` clear) a person's review of a prompt's pair, committed at once."""
+        if action is None:
+            self._at_once("DELETE FROM reviews WHERE run_key = ? AND prompt_id = ?", (run_key, prompt_id))
+            return
+        self._at_once(
+            "INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?)", (run_key, prompt_id, action, note, time.time())
+        )
+
+    def reviews(self, run_key: str) -> dict[str, tuple[str, str | None, float]]:
+        """prompt id -> (action, note, when): reviews are made by hand, so a run has few."""
+        rows = self.db.execute("SELECT prompt_id, action, note, created FROM reviews WHERE run_key = ?", (run_key,))
+        return {pid: (action, note, created) for pid, action, note, created in rows}
 
     # -- random reads, for output files in a split's order (#11) -----------------------------------------
     def results_of(self, run_key: str, ids: list[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
