@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__, backends
 from .errors import CaiforgeError, InputError, RunAborted
 
-COMMANDS = ("run", "revise", "init", "eval-judge", "report", "export", "blend")
+COMMANDS = ("run", "revise", "plan", "init", "eval-judge", "report", "export", "blend")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -238,8 +238,23 @@ def _add_local_flags(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--local-threads", type=int, default=s, help="llama.cpp threads (default: cores - 1)")
 
 
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    bud = p.add_argument_group("cost and budget (caiforge plan estimates them first)")
+    bud.add_argument("--price-in", type=float, default=s, help="dollars per million prompt tokens")
+    bud.add_argument("--price-out", type=float, default=s, help="dollars per million completion tokens")
+    bud.add_argument(
+        "--max-tokens",
+        type=int,
+        default=s,
+        help="stop cleanly (resumable) once this invocation has used this many tokens, as the servers report them",
+    )
+    bud.add_argument("--max-cost", type=float, default=s, help="the same in dollars (needs --price-in/--price-out)")
+
+
 def _add_request_flags(p: argparse.ArgumentParser, judge: bool = True) -> None:
     s = argparse.SUPPRESS
+    _add_budget_flags(p)
     net = p.add_argument_group("requests")
     net.add_argument("--request-timeout", type=float, default=s, help="seconds per request (default 300)")
     net.add_argument(
@@ -385,6 +400,12 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     if full or command == "revise":
         _add_revise_flags(rev)
+    sub.add_parser(
+        "plan",
+        help="what a run or revise would send: requests, tokens, time and cost; nothing is sent",
+        description="caiforge plan [run|revise] [that command's flags] [--assume-latency S] [--json]",
+        add_help=False,
+    )
     ev = sub.add_parser("eval-judge", help="measure a judge against human preference labels (hh-rlhf harmless-base)")
     ev.add_argument("--pairs", type=Path, required=True, help="harmless-base JSONL (gzip or not)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
@@ -487,6 +508,10 @@ FLAT = {  # flag dest -> config path
     "tokenizer_model": "revise.tokenizer_model",
     "tokenizer_library": "revise.tokenizer_library",
     "apply_chat_template": "policy.apply_chat_template",
+    "price_in": "budget.price_in",
+    "price_out": "budget.price_out",
+    "max_tokens": "budget.max_tokens",
+    "max_cost": "budget.max_cost",
 }
 SPECIAL = (
     "limit",
@@ -650,6 +675,38 @@ def _eval_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    """``plan [run|revise] FLAGS``: the command's own parser, plus the plan's two flags."""
+    from .plan import plan_revise, plan_run
+
+    pipeline = argv[0] if argv[:1] in (["run"], ["revise"]) else "run"
+    rest = argv[1:] if argv[:1] in (["run"], ["revise"]) else argv
+    extra = argparse.ArgumentParser(prog="caiforge plan", add_help=False)
+    extra.add_argument("--assume-latency", type=float, default=1.0, help="seconds a request (default 1)")
+    extra.add_argument("--json", action="store_true", help="the plan as JSON")
+    extra.add_argument("--chars-per-token", type=float, default=None, help="count tokens by this rule instead")
+    own, remaining = extra.parse_known_args(rest)
+    if any(a in ("-h", "--help") for a in remaining):
+        print("usage: caiforge plan [run|revise] [that command's flags] [--assume-latency S] [--json]\n")
+    args = parser(pipeline).parse_args([pipeline, *remaining])
+    try:
+        if own.assume_latency <= 0 or (own.chars_per_token is not None and own.chars_per_token <= 0):
+            raise InputError("--assume-latency and --chars-per-token must be above 0")
+        cfg, _ = config_from_args(args)
+        make = plan_revise if pipeline == "revise" else plan_run
+        found = make(cfg, own.assume_latency, own.chars_per_token)
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    if own.json:
+        import json
+
+        print(json.dumps(found.as_dict(), indent=2))
+    else:
+        print(found.text())
+    return 0
+
+
 def _generate(args: argparse.Namespace, command: Callable[[Any, bool], Any], made: str, what: str) -> int:
     """``run`` and ``revise``: config, the run, the summary; exit 2 for bad input, 1 for a failed or empty run."""
     try:
@@ -693,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "run")  # the seed has no subcommand: `caiforge --batch-size 8 ...` is a run
+    if argv[0] == "plan":
+        return _plan(argv[1:])
     args = parser(argv[0]).parse_args(argv)
     if args.command == "init":
         return _init(args.directory, args.force)

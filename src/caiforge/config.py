@@ -153,6 +153,22 @@ class BlendSpec(_Frozen):
     splits: dict[str, dict[Literal["prompts", "comparisons"], tuple[Path, ...]]]
 
 
+class BudgetConfig(_Frozen):
+    """Prices (dollars per million tokens, for ``plan`` and ``--max-cost``) and the budgets that stop a run
+    cleanly, resumably, once this invocation has used them up (tokens as the servers report them)."""
+
+    price_in: float | None = Field(None, ge=0)
+    price_out: float | None = Field(None, ge=0)
+    max_cost: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _priced(self) -> BudgetConfig:
+        if self.max_cost is not None and (self.price_in is None or self.price_out is None):
+            raise ValueError("--max-cost needs --price-in and --price-out (dollars per million tokens)")
+        return self
+
+
 class ReviseConfig(_Frozen):
     """``caiforge revise`` (SL-CAI): NeMo-Aligner's ``generate_sl_cai_dataset.py`` settings, same names."""
 
@@ -251,6 +267,7 @@ class RunConfig(_Frozen):
     ray_address: str | None = None  # None: a local Ray instance; "auto": the cluster `ray start` made
     ray_actors: int | None = Field(None, ge=1)  # None: one per two CPUs of the cluster, at least one
     revise: ReviseConfig = ReviseConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     @field_validator("formats", mode="before")
     @classmethod

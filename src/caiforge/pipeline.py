@@ -34,7 +34,7 @@ from .pipelines import rlcai
 from .principles import load_principles
 from .records import FailureRecord, PairRecord, RunDescriptor, prompt_id, records
 from .report import PairTally, write_report
-from .runner import FailureRate, Outcome, run_each
+from .runner import Budget, FailureRate, Outcome, run_each
 from .session import Session, run_sync
 from .store import DB_NAME, Store
 from .verdicts import Inconsistent, JudgeSpec
@@ -199,6 +199,21 @@ def run_warnings(cfg: RunConfig) -> list[str]:
     return []
 
 
+def budget_of(cfg: RunConfig, stats: Stats) -> Budget | None:
+    """The run's ``--max-tokens``/``--max-cost``, counted from every role's reported tokens."""
+    b = cfg.budget
+    if b.max_tokens is None and b.max_cost is None:
+        return None
+
+    def spent() -> tuple[int, int]:
+        t = stats.tokens
+        prompt = sum(v for k, v in t.items() if k.endswith("_prompt"))
+        return prompt, sum(v for k, v in t.items() if k.endswith("_completion"))
+
+    prices = (b.price_in, b.price_out) if b.price_in is not None and b.price_out is not None else None
+    return Budget(spent, b.max_tokens, b.max_cost, prices)
+
+
 def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str], PairRecord]) -> None:
     """A prompt's pair or failure, committed as it finishes."""
     pid, prompt = outcome.item
@@ -262,7 +277,9 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
                     advance=session.progress.advance,
                 )
             else:
-                await run_each(items, pipeline, on_outcome, window=window, rate=rate)
+                await run_each(
+                    items, pipeline, on_outcome, window=window, rate=rate, budget=budget_of(cfg, engine.stats)
+                )
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
             # Streamed from the store like every other output: an abort at 1M prompts holds no record list.

@@ -31,7 +31,7 @@ from .instructions import Instructions, load_few_shot, load_instructions
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import write_atomic, write_streams
-from .pipeline import prepare_output_dir, versions
+from .pipeline import budget_of, prepare_output_dir, versions
 from .pipelines import slcai
 from .quality import QualityTally
 from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, revisions, revisions_of
@@ -246,6 +246,7 @@ async def revise_async(cfg: RunConfig, fresh: bool = False) -> ReviseResult:
                 partial(record_outcome, store, run_key),
                 window=2 * engine.capacity(),
                 rate=rate,
+                budget=budget_of(cfg, engine.stats),
             )
         except RunAborted:
             write_streams(cfg.output_dir, failure_file(), revisions(store, descriptor))

@@ -44,6 +44,42 @@ class FailureRate:
             )
 
 
+class Budget:
+    """``--max-tokens`` / ``--max-cost``: checked as each item finishes, against the tokens the servers reported
+    so far in this invocation; over it, the run stops as a failure-rate stop does (finished work kept)."""
+
+    def __init__(
+        self,
+        spent: Callable[[], tuple[int, int]],
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
+        prices: tuple[float, float] | None = None,
+    ) -> None:
+        self.spent, self.max_tokens, self.max_cost, self.prices = spent, max_tokens, max_cost, prices
+        self.done = 0
+
+    def check(self) -> None:
+        self.done += 1
+        tokens_in, tokens_out = self.spent()
+        tokens = tokens_in + tokens_out
+        cost = None if self.prices is None else (tokens_in * self.prices[0] + tokens_out * self.prices[1]) / 1e6
+        over = (self.max_tokens is not None and tokens >= self.max_tokens) or (
+            self.max_cost is not None and cost is not None and cost >= self.max_cost
+        )
+        if over:
+            spent = f"{tokens:,} tokens" + (f", ${cost:,.4f}" if cost is not None else "")
+            limits = ", ".join(
+                f for f in (
+                    f"--max-tokens {self.max_tokens:,}" if self.max_tokens is not None else "",
+                    f"--max-cost {self.max_cost:g}" if self.max_cost is not None else "",
+                ) if f
+            )  # fmt: skip
+            raise RunAborted(
+                f"stopped at the budget: {spent} used in this invocation ({limits}); {self.done} prompts finished "
+                "in it. Finished work is kept: rerun the same command (each rerun has the budget anew) to continue."
+            )
+
+
 class Outcome(Generic[T, R]):
     __slots__ = ("failure", "item", "record")
 
@@ -58,6 +94,7 @@ async def run_each(
     *,
     window: int,
     rate: FailureRate,
+    budget: Budget | None = None,
 ) -> None:
     """Every item ends in ``on_outcome`` (a record or a failure) unless the run stops; at most ``window`` run at
     once, so memory stays bounded and a prompt's next request leaves as soon as its last one is answered."""
@@ -72,9 +109,11 @@ async def run_each(
             except StageFailed as failure:
                 on_outcome(Outcome(item, None, failure))
                 rate.add(failure)
-                return
-            on_outcome(Outcome(item, record, None))
-            rate.add(None)
+            else:
+                on_outcome(Outcome(item, record, None))
+                rate.add(None)
+            if budget is not None:
+                budget.check()
         finally:
             slots.release()
 

@@ -61,10 +61,13 @@ def _hf(path: Path) -> TokenCount:
 def _gguf(path: Path) -> TokenCount:
     try:
         from llama_cpp import Llama
+        from llama_cpp._utils import suppress_stdout_stderr
     except ImportError as exc:
         raise InputError("--tokenizer-library gguf needs caiforge[local] (llama-cpp-python)") from exc
     try:
-        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        # A vocabulary alone has no training context, which llama.cpp's C side warns about on stderr.
+        with suppress_stdout_stderr(disable=False):
+            llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except Exception as exc:  # llama-cpp-python raises ValueError or RuntimeError for an unreadable file
         raise InputError(f"{path}: not a GGUF model llama.cpp can read: {str(exc)[:120]}") from exc
     return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))

@@ -82,6 +82,7 @@ class FakeConfig:
     enforce_models: bool = True  # False: list ``models`` but answer any name, as llama.cpp does
     hold: threading.Event | None = None  # admitted requests wait until it is set: concurrency without timing
     seed: int = 0
+    chars_per_token: float | None = None  # usage counts: None, a whitespace word a token; else this rule
 
 
 @dataclass
@@ -552,7 +553,8 @@ class FakeServer:
         prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
         texts = [self._answer(p, _temperature(body), body.get("seed")) for p in prompts]
         choices = [{"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts)]
-        return _openai_reply("cmpl", "text_completion", body, choices, " ".join(prompts), " ".join(texts))
+        rule = self.config.chars_per_token
+        return _openai_reply("cmpl", "text_completion", body, choices, " ".join(prompts), " ".join(texts), rule)
 
     def _chat(self, body: dict[str, Any]) -> web.Response:
         messages = body["messages"]
@@ -575,8 +577,9 @@ class FakeServer:
             content = self._answer(users[-1], _temperature(body), body.get("seed"))
         message = {"role": "assistant", "content": content}
         choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}]
-        prompt = " ".join(str(m.get("content") or "") for m in messages)
-        return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content or "")
+        rule = self.config.chars_per_token  # words: the turns joined by spaces; characters: the turns' own
+        prompt = ("" if rule else " ").join(str(m.get("content") or "") for m in messages)
+        return _openai_reply("chatcmpl", "chat.completion", body, choices, prompt, content or "", rule)
 
 
 def explode_chat(turns: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
@@ -613,9 +616,13 @@ def _openai_reply(
     choices: list[dict[str, Any]],
     prompt: str,
     completion: str,
+    chars_per_token: float | None = None,
 ) -> web.Response:
-    """OpenAI envelope; a 'token' is a whitespace-separated word."""
-    p, c = len(prompt.split()), len(completion.split())
+    """OpenAI envelope; a 'token' is a whitespace-separated word, or ``chars_per_token`` characters."""
+    if chars_per_token is None:
+        p, c = len(prompt.split()), len(completion.split())
+    else:
+        p, c = round(len(prompt) / chars_per_token), round(len(completion) / chars_per_token)
     return web.json_response(
         {
             "id": f"{prefix}-{uuid.uuid4().hex}",
