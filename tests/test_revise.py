@@ -729,3 +729,16 @@ def test_pairs_nemo_files_use_nemos_template_when_the_flags_give_none(run_cli, t
         for text in (p["chosen"], p["rejected"])
     ]  # fmt: skip
     assert lines == expected and all("<extra_id_1>Assistant" in line["text"] for line in lines)
+
+
+def test_a_revise_failing_wholesale_stops_and_writes_its_failures(run_cli, tmp_path, inputs):
+    from caiforge.testing.fake_server import Fault
+
+    config = FakeConfig(faults=[Fault("500", rate=1.0, paths=("/v1/chat/completions",))])
+    with FakeServer(config) as server:
+        result = revise(run_cli, server, tmp_path, inputs, "--max-retries", "0", "--policy-concurrency", "2", n=60)
+    assert result.code == 1 and "--max-failure-rate" in result.stderr
+    failures = result.jsonl("failures.jsonl")  # 20 to stop, plus what the window of 4 held: at most 29
+    assert 20 <= len(failures) <= 29 and {(f["stage"], f["reason"]) for f in failures} == {
+        ("initial", "transient error")
+    }
