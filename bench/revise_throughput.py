@@ -80,7 +80,10 @@ def main() -> None:
             f"| {kind} | {conc} x {batch} | {elapsed:.1f} | {calls} | {rate:.0f} | {ideal_rate:.0f} | "
             f"{rate / ideal_rate:.0%} |"
         )
-    print(f"\nThe seed (one batch of {args.nemo_batch} a stage at a time): {seed:.0f} s, {n * steps / seed:.0f} requests/s.")
+    print(
+        f"\nThe seed (one batch of {args.nemo_batch} a stage at a time): {seed:.0f} s, "
+        f"{n * steps / seed:.0f} requests/s."
+    )
 
 
 if __name__ == "__main__":
