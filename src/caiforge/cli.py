@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__, backends
 from .errors import CaiforgeError, InputError, RunAborted
 
-COMMANDS = ("run", "revise", "plan", "init", "eval-judge", "report", "export", "blend")
+COMMANDS = ("run", "revise", "plan", "view", "init", "eval-judge", "report", "export", "blend")
 TRUE, FALSE = ("True", "true", "1", "yes"), ("False", "false", "0", "no")
 
 
@@ -434,6 +434,10 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_formats(bl, default=None, help=FORMATS_HELP + " (default: nemo-rm,trl)")
     bl.add_argument("--seed", type=int, default=None, help="sampling and shuffling (default: the first run's)")
     bl.add_argument("--output-dir", type=Path, default=None, help="where to write")
+    view = sub.add_parser("view", help="browse a run (while it runs, too) and review its pairs, on 127.0.0.1")
+    view.add_argument("directory", type=Path, help="the run's folder (holds caiforge.db)")
+    view.add_argument("--port", type=int, default=0, help="default: any free port")
+    view.add_argument("--open", action="store_true", help="open the page in the browser")
     rep = sub.add_parser("report", help="rebuild report.md and its plots from a finished run")
     rep.add_argument("directory", type=Path)
     init = sub.add_parser("init", help="copy the bundled red-team prompts and constitution here, for editing")
@@ -641,6 +645,36 @@ def _blend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view(directory: Path, port: int, open_browser: bool) -> int:
+    import asyncio
+
+    from .view import serve
+
+    async def forever() -> None:
+        runner, url = await serve(directory, port)
+        print(f"caiforge view: {url}  (reviews need this URL's token; Ctrl-C stops)", flush=True)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(forever())
+    except InputError as exc:
+        print(f"caiforge: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the port is taken, or not ours to bind
+        print(f"caiforge: error: cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def _report(directory: Path) -> int:
     from .report import write_report
 
@@ -757,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _init(args.directory, args.force)
     if args.command == "report":
         return _report(args.directory)
+    if args.command == "view":
+        return _view(args.directory, args.port, args.open)
     if args.command == "export":
         return _export(args.directory, args.formats, args.output_dir)
     if args.command == "blend":
