@@ -17,6 +17,7 @@ import html
 import json
 import secrets
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,8 @@ class RunView:
                     db.execute("DELETE FROM reviews WHERE run_key = ? AND prompt_id = ?", (self.run_key, prompt_id))
                 else:
                     db.execute(
-                        "INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, strftime('%s','now'))",
-                        (self.run_key, prompt_id, action, note),
+                        "INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?)",
+                        (self.run_key, prompt_id, action, note, time.time()),
                     )
         finally:
             db.close()
