@@ -32,7 +32,7 @@ from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import FAILURES_FILE, write_atomic, write_streams
 from .pipelines import rlcai
 from .principles import load_principles
-from .records import FailureRecord, PairRecord, RunDescriptor, prompt_id, records
+from .records import FailureRecord, PairRecord, RevisionRecord, RunDescriptor, prompt_id, records
 from .report import PairTally, write_report
 from .runner import Budget, FailureRate, Outcome, run_each
 from .session import Session, run_sync
@@ -214,11 +214,13 @@ def budget_of(cfg: RunConfig, stats: Stats) -> Budget | None:
     return Budget(spent, b.max_tokens, b.max_cost, prices)
 
 
-def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str], PairRecord]) -> None:
-    """A prompt's pair or failure, committed as it finishes."""
+def record_outcome(
+    store: Store, run_key: str, outcome: Outcome[tuple[str, str], PairRecord | RevisionRecord], status: str = "pair"
+) -> None:
+    """A prompt's record (a ``status`` result: ``pair``, ``revision``) or failure, committed as it finishes."""
     pid, prompt = outcome.item
     if outcome.record is not None:
-        store.put_result(pid, run_key, "pair", outcome.record.to_json())
+        store.put_result(pid, run_key, status, outcome.record.to_json())
         return
     failure = outcome.failure
     assert failure is not None

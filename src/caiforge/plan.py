@@ -235,6 +235,38 @@ def concurrency(cfg: RunConfig, section: str, default: int) -> int:
     return int(getattr(cfg, section).concurrency or default)
 
 
+def policy_concurrency(cfg: RunConfig) -> int:
+    """The policy's requests in flight: the flag, else each backend's default (NeMo 4, local 1, OpenAI 256)."""
+    backend = cfg.policy.backend
+    return concurrency(cfg, "policy", 4 if backend == "nemo" else 1 if backend == "local" else 256)
+
+
+def _plan(
+    cfg: RunConfig,
+    pipeline: str,
+    prompts: Prompts,
+    roles: list[Role],
+    rule: str,
+    latency: float,
+    chain: int,
+    stored: dict[str, int],
+) -> Plan:
+    b = cfg.budget
+    return Plan(
+        pipeline=pipeline,
+        records=prompts.records,
+        unique=prompts.count,
+        bad=prompts.bad,
+        roles=roles,
+        token_rule=rule,
+        latency=latency,
+        chain=chain,
+        stored=stored,
+        price_in=b.price_in,
+        price_out=b.price_out,
+    )
+
+
 def _out(stored: dict[str, float], role: str, limit: int) -> tuple[float, str]:
     if role in stored:
         return stored[role], "mean of the replies stored in the output folder"
@@ -262,7 +294,7 @@ def plan_run(cfg: RunConfig, latency: float, chars_per_token: float | None = Non
         tokens_in=temps * p_tokens,
         tokens_out=round(policy_requests * out_policy),
         out_rule=policy_rule,
-        concurrency=concurrency(cfg, "policy", 4 if nemo else 1 if cfg.policy.backend == "local" else 256),
+        concurrency=policy_concurrency(cfg),
         rpm=cfg.policy.rpm,
     )
     judge_requests = u * passes
@@ -276,19 +308,7 @@ def plan_run(cfg: RunConfig, latency: float, chars_per_token: float | None = Non
         concurrency=concurrency(cfg, "judge", 1 if cfg.judge.backend == "local" else 64),
         rpm=cfg.judge.rpm,
     )
-    return Plan(
-        pipeline="run",
-        records=prompts.records,
-        unique=u,
-        bad=prompts.bad,
-        roles=[policy, judge],
-        token_rule=rule,
-        latency=latency,
-        chain=1 + passes,
-        stored=stored,
-        price_in=cfg.budget.price_in,
-        price_out=cfg.budget.price_out,
-    )
+    return _plan(cfg, "run", prompts, [policy, judge], rule, latency, 1 + passes, stored)
 
 
 def plan_revise(cfg: RunConfig, latency: float, chars_per_token: float | None = None) -> Plan:
@@ -322,19 +342,7 @@ def plan_revise(cfg: RunConfig, latency: float, chars_per_token: float | None = 
         tokens_in=round(steps * prompt_tokens(prompts, count) + u * per_prompt_extra),
         tokens_out=round(requests * out),
         out_rule=out_rule,
-        concurrency=concurrency(cfg, "policy", 4 if nemo else 1 if cfg.policy.backend == "local" else 256),
+        concurrency=policy_concurrency(cfg),
         rpm=cfg.policy.rpm,
     )
-    return Plan(
-        pipeline="revise",
-        records=prompts.records,
-        unique=u,
-        bad=prompts.bad,
-        roles=[policy],
-        token_rule=rule,
-        latency=latency,
-        chain=steps,
-        stored=stored,
-        price_in=cfg.budget.price_in,
-        price_out=cfg.budget.price_out,
-    )
+    return _plan(cfg, "revise", prompts, [policy], rule, latency, steps, stored)

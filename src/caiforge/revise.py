@@ -31,13 +31,13 @@ from .instructions import Instructions, load_few_shot, load_instructions
 from .keys import sha256_text
 from .manifest import Counts, Manifest, RunStats, Timings
 from .outputs import write_atomic, write_streams
-from .pipeline import budget_of, prepare_output_dir, versions
+from .pipeline import budget_of, prepare_output_dir, record_outcome, versions
 from .pipelines import slcai
 from .quality import QualityTally
 from .records import FailureRecord, RevisionRecord, RunDescriptor, prompt_id, revisions, revisions_of
 from .report import write_report
 from .request import Message
-from .runner import FailureRate, Outcome, run_each
+from .runner import FailureRate, run_each
 from .seq_length import DIR as LONG_DIR
 from .seq_length import STATISTICS_FILE as LONG_STATS
 from .seq_length import TokenCount, load_counter, remove_long
@@ -186,19 +186,6 @@ class ReviseResult:
         return "\n".join(lines)
 
 
-def record_outcome(store: Store, run_key: str, outcome: Outcome[tuple[str, str], RevisionRecord]) -> None:
-    pid, prompt = outcome.item
-    if outcome.record is not None:
-        store.put_result(pid, run_key, "revision", outcome.record.to_json())
-        return
-    failure = outcome.failure
-    assert failure is not None
-    record = FailureRecord(
-        prompt_id=pid, prompt=prompt, stage=failure.stage, reason=failure.reason, detail=str(failure)
-    )
-    store.put_result(pid, run_key, "failure", record.to_json())
-
-
 def warnings_of(cfg: RunConfig) -> list[str]:
     return [TOY_POLICY_WARNING] if cfg.policy.backend == "local" and cfg.local.model_path is None else []
 
@@ -243,7 +230,7 @@ async def revise_async(cfg: RunConfig, fresh: bool = False) -> ReviseResult:
             await run_each(
                 store.pending(run_key),
                 pipeline,
-                partial(record_outcome, store, run_key),
+                partial(record_outcome, store, run_key, status="revision"),
                 window=2 * engine.capacity(),
                 rate=rate,
                 budget=budget_of(cfg, engine.stats),

@@ -17,7 +17,6 @@ import html
 import json
 import secrets
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,19 @@ class Row:
     review: str | None
 
 
+# A prompt, its result under the run's key and its review; the two placeholders are the run key.
+SELECT = (
+    "SELECT p.position, p.id, p.text, r.status, r.data, v.action FROM prompts p "
+    "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
+    "LEFT JOIN reviews v ON v.prompt_id = p.id AND v.run_key = ?"
+)
+
+
+def _row(found: tuple[Any, ...]) -> Row:
+    pos, pid, text, status, data, action = found
+    return Row(pos, pid, text, status or "pending", json.loads(data) if data else None, action)
+
+
 class RunView:
     """What the pages read: the run's prompts, results and reviews, by SQL on a read-only connection."""
 
@@ -88,28 +100,12 @@ class RunView:
             params += [like, like]
         if reviewed:
             where.append("v.action IS NOT NULL")
-        sql = (
-            "SELECT p.position, p.id, p.text, r.status, r.data, v.action FROM prompts p "
-            "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
-            "LEFT JOIN reviews v ON v.prompt_id = p.id AND v.run_key = ? "
-            f"WHERE {' AND '.join(where)} ORDER BY p.position LIMIT {PAGE + 1}"
-        )
-        return [
-            Row(pos, pid, text, status or "pending", json.loads(data) if data else None, action)
-            for pos, pid, text, status, data, action in self.db.execute(sql, params)
-        ]
+        sql = f"{SELECT} WHERE {' AND '.join(where)} ORDER BY p.position LIMIT {PAGE + 1}"
+        return [_row(found) for found in self.db.execute(sql, params)]
 
     def one(self, prompt_id: str) -> Row | None:
-        found = self.db.execute(
-            "SELECT p.position, p.id, p.text, r.status, r.data, v.action FROM prompts p "
-            "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
-            "LEFT JOIN reviews v ON v.prompt_id = p.id AND v.run_key = ? WHERE p.id = ?",
-            (self.run_key, self.run_key, prompt_id),
-        ).fetchone()
-        if found is None:
-            return None
-        pos, pid, text, status, data, action = found
-        return Row(pos, pid, text, status or "pending", json.loads(data) if data else None, action)
+        found = self.db.execute(f"{SELECT} WHERE p.id = ?", (self.run_key, self.run_key, prompt_id)).fetchone()
+        return None if found is None else _row(found)
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute(
@@ -120,18 +116,12 @@ class RunView:
         return {str(k): int(n) for k, n in rows}
 
     def review(self, prompt_id: str, action: str | None, note: str | None) -> None:
-        db = sqlite3.connect(self.path, timeout=10)
+        """One short write through the store (no folder lock: a run may hold it while a person reviews)."""
+        store = Store(self.path)
         try:
-            with db:
-                if action is None:
-                    db.execute("DELETE FROM reviews WHERE run_key = ? AND prompt_id = ?", (self.run_key, prompt_id))
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?)",
-                        (self.run_key, prompt_id, action, note, time.time()),
-                    )
+            store.set_review(self.run_key, prompt_id, action, note)
         finally:
-            db.close()
+            store.close()
 
 
 def _page(title: str, body: str) -> web.Response:
