@@ -159,6 +159,17 @@ def blend_card(manifest: Manifest) -> str:
             for s in blend.get("sources", [])
         ),
         "",
+        *(
+            [
+                "| | |",
+                "|---|---|",
+                f"| human reviews | {r.get('flagged', 0)} pairs flagged and left out, {r.get('swapped', 0)} swapped "
+                "(summed over the runs) |",
+                "",
+            ]
+            if (r := manifest.reviews)
+            else []
+        ),
         *_trainers(manifest),
     ]
     return _front_matter(manifest) + "\n".join(lines)

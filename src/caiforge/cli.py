@@ -601,11 +601,7 @@ def _export(directory: Path, formats: list[str] | None, output_dir: Path | None,
     for name in done.files:
         print(f"wrote {done.output_dir / name}")
     print(f"caiforge: exported {done.pairs} pairs from {done.prompts} prompts")
-    if done.reviews:
-        print(
-            f"caiforge: honoured the reviews: {done.reviews.get('flagged', 0)} flagged pairs left out, "
-            f"{done.reviews.get('swapped', 0)} written swapped"
-        )
+    _print_reviews(done.reviews)
     if done.pending:
         print(
             f"caiforge: the run is not finished: {done.pending} of {done.prompts} prompts have no outcome yet; "
@@ -634,6 +630,7 @@ def _blend(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"caiforge: error: {exc}", file=sys.stderr)
         return 2
+    _print_reviews(done.manifest.reviews)
     blend = done.manifest.blend
     for source in blend["sources"]:
         print(f"caiforge: {source['path']}: {source['taken']} of {source['rows']} pairs")
@@ -643,6 +640,14 @@ def _blend(args: argparse.Namespace) -> int:
     )
     print(f"  output: {done.output_dir}")
     return 0
+
+
+def _print_reviews(reviews: dict[str, int]) -> None:
+    if reviews:
+        print(
+            f"caiforge: honoured the reviews: {reviews.get('flagged', 0)} flagged pairs left out, "
+            f"{reviews.get('swapped', 0)} written swapped"
+        )
 
 
 def _view(directory: Path, port: int, open_browser: bool) -> int:

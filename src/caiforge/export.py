@@ -27,7 +27,7 @@ from .errors import InputError
 from .formats import Row, Table, clean, run_rows, split_files
 from .inputs import check_blend_files, read_text
 from .manifest import Counts, Manifest
-from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, trl_pairs
+from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, take, trl_pairs
 from .outputs import write_files, write_stream, write_streams
 from .records import PairRecord, Record, Reviews, RunDescriptor, pairs_of, pending, records
 from .store import DB_NAME, Store
@@ -258,17 +258,31 @@ class Blended:
     manifest: Manifest
 
 
-def usable_splits(run: Stored, options: Options) -> dict[str, Ids]:
-    """The run's split assignment, from one counting pass over its records (no file written)."""
+def usable_splits(run: Stored, options: Options, reviews: Reviews | None = None) -> dict[str, Ids]:
+    """The run's split assignment, from one counting pass over its records (no file written), without the
+    pairs a person flagged (``reviews``, read from the run's store when not given)."""
     tally = Tally()
     deque(tally.count(check(options.template, r) for r in records(run.store, run.descriptor)), maxlen=0)
-    return reviewed_splits(options.assign(tally.usable), Reviews.of(run.store, run.descriptor))
+    return reviewed_splits(
+        options.assign(tally.usable), Reviews.of(run.store, run.descriptor) if reviews is None else reviews
+    )
 
 
-def _run_source(run: Stored, run_dir: Path, amount: str | None) -> tuple[Source, RunConfig]:
-    """A run's usable pairs by reference, in its split order; their texts are read again when written."""
-    splits = usable_splits(run, options_of(run.cfg, blend=False))
-    fetch = partial(pairs_of, run.store, run.descriptor, reviews=Reviews.of(run.store, run.descriptor))
+@dataclass(frozen=True, kw_only=True)
+class RunSource:
+    """A run as a blend's source: its pairs by reference, its config and the reviews they were read under."""
+
+    source: Source
+    cfg: RunConfig
+    reviews: Reviews
+
+
+def _run_source(run: Stored, run_dir: Path, amount: str | None) -> RunSource:
+    """A run's usable pairs by reference, in its split order; their texts are read again when written. Flagged
+    pairs are left out and swapped ones come out swapped, as in ``export``."""
+    reviews = Reviews.of(run.store, run.descriptor)
+    splits = usable_splits(run, options_of(run.cfg, blend=False), reviews)
+    fetch = partial(pairs_of, run.store, run.descriptor, reviews=reviews)
     pairs: list[Ref] = [
         RunPair(
             prompt_id=pair.prompt_id, key=leak_key(clean(pair.prompt)), split=name, source=run_dir.name, fetch=fetch
@@ -276,7 +290,21 @@ def _run_source(run: Stored, run_dir: Path, amount: str | None) -> tuple[Source,
         for name, ids in splits.items()
         for pair in pairs_of(run.store, run.descriptor, ids)
     ]
-    return Source(name=run_dir.name, path=str(run_dir), kind="run", pairs=pairs, amount=amount), run.cfg
+    source = Source(name=run_dir.name, path=str(run_dir), kind="run", pairs=pairs, amount=amount)
+    return RunSource(source=source, cfg=run.cfg, reviews=reviews)
+
+
+def blend_reviews(runs: Iterable[RunSource], seed: int) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+    """What the runs' reviews changed in a blend's files, per run source (by ``id`` of its :class:`Source`) and
+    summed, counted as ``export`` counts them: each run's flagged pairs, and its swapped pairs among those the
+    blend took (``take`` is seeded, so it gives again the sample ``mix`` wrote). Empty where nothing was reviewed."""
+    each: dict[int, dict[str, int]] = {}
+    for run in runs:
+        taken = {run.source.name: [ref.prompt_id for ref in take(run.source, seed) if isinstance(ref, RunPair)]}
+        if counts := review_counts(run.reviews, taken):
+            each[id(run.source)] = counts
+    total = {key: sum(c[key] for c in each.values()) for key in ("flagged", "swapped")} if each else {}
+    return each, total
 
 
 def _outside_source(path: Path, amount: str | None, ratios: dict[str, float]) -> Source:
@@ -306,24 +334,27 @@ def blend_many(
     with ExitStack() as stack:
         opened: dict[Path, Stored] = {}
 
-        def run_source(path: Path, amount: str | None) -> tuple[Source, RunConfig]:
+        runs: list[RunSource] = []
+
+        def run_source(path: Path, amount: str | None) -> RunSource:
             where = path.resolve()
             if where not in opened:  # a run named twice is opened (and locked) once
                 opened[where] = stack.enter_context(open_run(path))
-            return _run_source(opened[where], path, amount)
+            runs.append(_run_source(opened[where], path, amount))
+            return runs[-1]
 
         sources: list[Source] = []
         base: RunConfig | None = None
         for run_dir in run_dirs:
-            source, cfg = run_source(run_dir, None)
-            sources.append(source)
-            base = base or cfg
+            run = run_source(run_dir, None)
+            sources.append(run.source)
+            base = base or run.cfg
         parsed = [parse_source(text) for text in given]
         for path, amount in parsed:
             if (path / DB_NAME).is_file():
-                source, cfg = run_source(path, amount)
-                sources.append(source)
-                base = base or cfg
+                run = run_source(path, amount)
+                sources.append(run.source)
+                base = base or run.cfg
         ratios = dict(base.splits) if base else dict(DEFAULT_RATIOS)
         template = base.template if base else PromptTemplate()
         for path, amount in parsed:
@@ -344,6 +375,7 @@ def blend_many(
         mixed = mix(sources, ratios, template, seed, prefix)
         output_dir.mkdir(parents=True, exist_ok=True)
         files = write_table(output_dir, mixed.table, formats)
+    reviewed, reviews = blend_reviews(runs, seed)
     manifest = Manifest(
         caiforge=__version__,
         counts=Counts(pairs=sum(mixed.splits.values()), splits=mixed.splits),
@@ -352,9 +384,12 @@ def blend_many(
         blend={
             "seed": seed,
             "ratios": ratios,
-            "sources": [s.report() for s in mixed.sources],
+            "sources": [
+                {**s.report(), **({"reviews": reviewed[id(s)]} if id(s) in reviewed else {})} for s in mixed.sources
+            ],
             "leaks_moved": mixed.leaks_moved,
         },
+        **({"reviews": reviews} if reviews else {}),
     )
     manifest.write(output_dir)
     write_files(output_dir, {"README.md": blend_card(manifest)})
