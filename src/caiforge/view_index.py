@@ -1,0 +1,380 @@
+"""The viewer's index: ``RUN_DIR/view.db``, a derived, deletable sidecar that makes the table fast at 1M rows.
+
+Nothing is added to ``caiforge.db``: a trigger or an index there would slow every write of a run (an FTS5 trigger
+made each result write 17x dearer, measured in ``docs/research/viewer.md``). Instead the viewer copies what its
+filters need into ``view.db`` and follows the run:
+
+- ``rows``: one per prompt, keyed by input position, with its status (``pair``, ``failure``, ``inconsistent``,
+  ``revision`` or ``pending``), the chosen temperature and position, and its review; a partial index per filter.
+- ``fts``: a contentless FTS5 table (unicode61) over the prompt, its responses and the judge's explanation. A
+  contentless table cannot delete rows on SQLite 3.40, so a changed result gets a new FTS row and ``rows.fts``
+  (``rows.doc``) points at the current one; stale ones drop out of the join.
+- ``facets``: counts per status, temperature, position and review, kept as rows change: counting 1M rows on each
+  page would cost 60-130 ms.
+
+A result written with ``INSERT OR REPLACE`` gets a rowid above every other, so ``results.rowid > mark`` finds
+everything new since the last sync. The prompts are re-read when an attempt rewrites them, and everything is
+rebuilt when the run's key or its database file changes (``run --fresh``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .store import DB_NAME
+
+INDEX_NAME = "view.db"
+VERSION = "1"
+CHUNK = 2000
+PAGE = 50
+# Below this many rows, a search is driven from the filter's index (each row checked against FTS5); above, FTS5
+# drives and the filter is checked per match. Measured crossover in docs/research/viewer.md.
+FILTER_DRIVES_BELOW = 5000
+INCONSISTENT = "judge passes disagree"  # verdicts.Inconsistent.reason (not imported: this module loads no judge)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    pos INTEGER PRIMARY KEY, prompt_id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    chosen_t REAL, chosen_pos INTEGER, reviewed TEXT, doc INTEGER NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS rows_status ON rows(status, pos);
+CREATE INDEX IF NOT EXISTS rows_t ON rows(chosen_t, pos) WHERE status = 'pair';
+CREATE INDEX IF NOT EXISTS rows_cp ON rows(chosen_pos, pos) WHERE status = 'pair';
+CREATE INDEX IF NOT EXISTS rows_t_cp ON rows(chosen_t, chosen_pos, pos) WHERE status = 'pair';
+CREATE INDEX IF NOT EXISTS rows_reviewed ON rows(reviewed, pos) WHERE reviewed IS NOT NULL;
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    prompt, responses, explanation, content='', tokenize='unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (name, value));
+"""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the table is narrowed to; every field ``None`` or empty means no narrowing."""
+
+    status: str | None = None
+    chosen_t: float | None = None
+    chosen_pos: int | None = None
+    reviewed: str | None = None  # "any", "flag" or "swap"
+    search: str | None = None
+    field: str | None = None  # search only this column: "prompt", "responses" or "explanation"
+
+    def empty(self) -> bool:
+        return not (self.status or self.chosen_t is not None or self.chosen_pos is not None or self.reviewed)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """What one result contributes to the index."""
+
+    status: str
+    chosen_t: float | None
+    chosen_pos: int | None
+    responses: str
+    explanation: str
+
+
+def indexed(status: str | None, data: dict[str, Any] | None) -> Indexed:
+    """A stored result (``results.status`` and its JSON) as the index sees it: pure, so it is tested alone."""
+    d = data or {}
+    if status is None:
+        return Indexed("pending", None, None, "", "")
+    if status == "pair":
+        texts = [str(text) for _, text in d.get("responses") or []]
+        return Indexed(
+            "pair", d.get("chosen_t"), d.get("chosen_position"), "\n".join(texts), d.get("explanation") or ""
+        )
+    if status == "revision":
+        rounds = d.get("rounds") or []
+        texts = [d.get("initial_response") or ""]
+        texts += [f"{r.get('critique_response', '')}\n{r.get('revision_response', '')}" for r in rounds]
+        return Indexed("revision", None, None, "\n".join(texts), "")
+    kept = [str(text) for _, text in d.get("responses") or []]
+    reason = f"{d.get('stage', '')}: {d.get('reason', '')}\n{d.get('detail', '')}"
+    return Indexed("inconsistent" if d.get("reason") == INCONSISTENT else status, None, None, "\n".join(kept), reason)
+
+
+FIELDS = ("prompt", "responses", "explanation")
+
+
+def fts_query(text: str, field: str | None = None) -> str | None:
+    """A person's search as an FTS5 query: every word must occur (``word*`` is a prefix), in ``field`` if given.
+    FTS5's own syntax is not exposed, so no search is a syntax error."""
+    words = re.findall(r"\w+\*?", text)
+    terms = [f'"{w.rstrip("*")}"' + ("*" if w.endswith("*") else "") for w in words if w.rstrip("*")]
+    if not terms:
+        return None
+    query = " ".join(terms)
+    return f"{{{field}}} : ({query})" if field in FIELDS else query
+
+
+def _facet_items(row: Indexed, reviewed: str | None) -> Iterator[tuple[str, str]]:
+    yield "status", row.status
+    if row.status == "pair":
+        yield "chosen_t", repr(float(row.chosen_t)) if row.chosen_t is not None else "None"
+        yield "chosen_pos", str(row.chosen_pos)
+    if reviewed:
+        yield "reviewed", reviewed
+
+
+class ViewIndex:
+    """``view.db`` beside a run's store, kept in step with it by :meth:`sync`. Not thread-safe: the viewer calls it
+    from one worker thread."""
+
+    def __init__(self, run_dir: Path, run_key: str) -> None:
+        self.source = run_dir / DB_NAME
+        self.run_key = run_key
+        self.run = sqlite3.connect(
+            f"file:{self.source}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        self.run.execute("PRAGMA busy_timeout = 5000")
+        self.path = run_dir / INDEX_NAME
+        self.db = self._open_index()
+        self._seen_version: int | None = None
+
+    def _open_index(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")  # derived data: a crash costs a rebuild, never a wrong row
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError:  # a damaged sidecar is rebuilt from the store
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        return db
+
+    def close(self) -> None:
+        self.run.close()
+        self.db.close()
+
+    # -- following the run --------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
+    def _identity(self) -> str:
+        """What must match for the index to be this run's: the file, the run key and the prompts' attempt."""
+        st = os.stat(self.source)
+        first = self.run.execute("SELECT MIN(started) FROM attempts").fetchone()[0]
+        prompts = self.run.execute("SELECT COUNT(*), MAX(position) FROM prompts").fetchone()
+        last = self.run.execute("SELECT MAX(id) FROM attempts").fetchone()[0]
+        return json.dumps([VERSION, st.st_dev, st.st_ino, first, self.run_key, last, list(prompts)])
+
+    def sync(self) -> int:
+        """Bring the index up to the store's last commit; returns how many rows changed. Cheap when nothing did."""
+        version = int(self.run.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._seen_version and self._meta().get("identity"):
+            return 0
+        self._seen_version = version
+        identity = self._identity()
+        meta = self._meta()
+        if meta.get("identity") != identity:
+            return self.rebuild(identity)
+        return self._follow(int(meta.get("mark", "0"))) + self._reviews()
+
+    def rebuild(self, identity: str | None = None) -> int:
+        """Index every prompt from scratch (about 2 minutes per million on 2 cores)."""
+        identity = identity or self._identity()
+        db = self.db
+        db.execute("BEGIN")
+        for table in ("rows", "fts", "facets", "meta"):
+            db.execute(f"DELETE FROM {table}")
+        self.run.execute("BEGIN")  # one snapshot of the store: the mark and the rows agree
+        try:
+            mark = self.run.execute("SELECT COALESCE(MAX(rowid), 0) FROM results").fetchone()[0]
+            reviews = self._stored_reviews()
+            found = self.run.execute(
+                "SELECT p.position, p.id, p.text, r.status, r.data FROM prompts p "
+                "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? ORDER BY p.position",
+                (self.run_key,),
+            )
+            n = 0
+            facets: dict[tuple[str, str], int] = {}
+            while batch := found.fetchmany(CHUNK):
+                rows, fts = [], []
+                for pos, pid, text, status, data in batch:
+                    row = indexed(status, json.loads(data) if data else None)
+                    n += 1
+                    rows.append((pos, pid, row.status, row.chosen_t, row.chosen_pos, reviews.get(pid), n))
+                    fts.append((n, text, row.responses, row.explanation))
+                    for item in _facet_items(row, reviews.get(pid)):
+                        facets[item] = facets.get(item, 0) + 1
+                db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO fts (rowid, prompt, responses, explanation) VALUES (?, ?, ?, ?)", fts)
+        finally:
+            self.run.execute("COMMIT")
+        db.executemany("INSERT INTO facets VALUES (?, ?, ?)", ((k, v, c) for (k, v), c in facets.items()))
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)", (("identity", identity), ("mark", str(mark)), ("next_fts", str(n + 1)))
+        )
+        db.execute("COMMIT")
+        return n
+
+    def _stored_reviews(self) -> dict[str, str]:
+        found = self.run.execute("SELECT prompt_id, action FROM reviews WHERE run_key = ?", (self.run_key,))
+        return {str(pid): str(action) for pid, action in found}
+
+    def _bump(self, items: Iterable[tuple[str, str]], by: int) -> None:
+        self.db.executemany(
+            "INSERT INTO facets VALUES (?, ?, ?) ON CONFLICT (name, value) DO UPDATE SET n = n + excluded.n",
+            ((name, value, by) for name, value in items),
+        )
+
+    def _follow(self, mark: int) -> int:
+        """Index the results written since ``mark``, a chunk at a time."""
+        changed = 0
+        next_fts = int(self._meta().get("next_fts", "1"))
+        while True:
+            found = self.run.execute(
+                "SELECT r.rowid, r.prompt_id, r.status, r.data, p.text FROM results r "
+                "JOIN prompts p ON p.id = r.prompt_id WHERE r.rowid > ? AND r.run_key = ? ORDER BY r.rowid LIMIT ?",
+                (mark, self.run_key, CHUNK),
+            ).fetchall()
+            if not found:
+                break
+            db = self.db
+            db.execute("BEGIN")
+            for rowid, pid, status, data, text in found:
+                mark = rowid
+                old = db.execute(
+                    "SELECT pos, status, chosen_t, chosen_pos, reviewed FROM rows WHERE prompt_id = ?", (pid,)
+                ).fetchone()
+                if old is None:  # a result for a prompt this attempt no longer has
+                    continue
+                pos, o_status, o_t, o_pos, reviewed = old
+                self._bump(_facet_items(Indexed(o_status, o_t, o_pos, "", ""), reviewed), -1)
+                row = indexed(status, json.loads(data))
+                self._bump(_facet_items(row, reviewed), 1)
+                db.execute(
+                    "INSERT INTO fts (rowid, prompt, responses, explanation) VALUES (?, ?, ?, ?)",
+                    (next_fts, text, row.responses, row.explanation),
+                )
+                db.execute(
+                    "UPDATE rows SET status = ?, chosen_t = ?, chosen_pos = ?, doc = ? WHERE pos = ?",
+                    (row.status, row.chosen_t, row.chosen_pos, next_fts, pos),
+                )
+                next_fts += 1
+                changed += 1
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (("mark", str(mark)), ("next_fts", str(next_fts)))
+            )
+            db.execute("COMMIT")
+        return changed
+
+    def _reviews(self) -> int:
+        """Reviews are few and made by hand: compare them whole."""
+        stored = self._stored_reviews()
+        indexed_now = dict(self.db.execute("SELECT prompt_id, reviewed FROM rows WHERE reviewed IS NOT NULL"))
+        changes = {
+            pid: stored.get(pid)
+            for pid in stored.keys() | indexed_now.keys()
+            if stored.get(pid) != indexed_now.get(pid)
+        }
+        if not changes:
+            return 0
+        self.db.execute("BEGIN")
+        for pid, action in changes.items():
+            if pid in indexed_now:
+                self._bump([("reviewed", indexed_now[pid])], -1)
+            if action is not None:
+                self._bump([("reviewed", action)], 1)
+            self.db.execute("UPDATE rows SET reviewed = ? WHERE prompt_id = ?", (action, pid))
+        self.db.execute("COMMIT")
+        return len(changes)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def facets(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, value, n in self.db.execute("SELECT name, value, n FROM facets WHERE n > 0 ORDER BY name, value"):
+            out.setdefault(str(name), {})[str(value)] = int(n)
+        return out
+
+    def _where(self, f: Filters) -> tuple[list[str], list[Any]] | None:
+        """SQL conditions on ``rows r`` for the filters, or None when they cannot match anything."""
+        where: list[str] = []
+        params: list[Any] = []
+        if f.chosen_t is not None or f.chosen_pos is not None:
+            if f.status not in (None, "pair"):
+                return None  # only pairs have a chosen candidate
+            where.append("r.status = 'pair'")
+            if f.chosen_t is not None:
+                where.append("r.chosen_t = ?")
+                params.append(f.chosen_t)
+            if f.chosen_pos is not None:
+                where.append("r.chosen_pos = ?")
+                params.append(f.chosen_pos)
+        elif f.status:
+            where.append("r.status = ?")
+            params.append(f.status)
+        if f.reviewed == "any":
+            where.append("r.reviewed IS NOT NULL")
+        elif f.reviewed:
+            where.append("r.reviewed = ?")
+            params.append(f.reviewed)
+        return where, params
+
+    def estimate(self, f: Filters) -> int | None:
+        """How many rows the filters leave, from the facets (the smallest single filter's count); None: all."""
+        facets = self.facets()
+        counts = []
+        if f.status:
+            counts.append(facets.get("status", {}).get(f.status, 0))
+        if f.chosen_t is not None:
+            counts.append(facets.get("chosen_t", {}).get(repr(float(f.chosen_t)), 0))
+        if f.chosen_pos is not None:
+            counts.append(facets.get("chosen_pos", {}).get(str(f.chosen_pos), 0))
+        if f.reviewed:
+            reviewed = facets.get("reviewed", {})
+            counts.append(sum(reviewed.values()) if f.reviewed == "any" else reviewed.get(f.reviewed, 0))
+        return min(counts) if counts else None
+
+    def page(self, f: Filters, after: int = -1, limit: int = PAGE + 1) -> list[tuple[int, int]]:
+        """(position, paging key) of the next ``limit`` rows after ``after``: by position, or for a search by FTS
+        row (the order rows were indexed), so that a page of any depth costs the same (keyset paging)."""
+        built = self._where(f)
+        if built is None:
+            return []
+        where, params = built
+        query = fts_query(f.search, f.field) if f.search else None
+        if f.search and query is None:
+            return []
+        if query is None:
+            sql = f"SELECT r.pos, r.pos FROM rows r WHERE {' AND '.join([*where, 'r.pos > ?'])} ORDER BY r.pos LIMIT ?"
+            return [(int(a), int(b)) for a, b in self.db.execute(sql, [*params, after, limit])]
+        estimate = self.estimate(f)
+        if estimate is not None and estimate < FILTER_DRIVES_BELOW:
+            sql = (
+                f"SELECT r.pos, r.doc FROM rows r WHERE {' AND '.join([*where, 'r.doc > ?'])} AND EXISTS "
+                "(SELECT 1 FROM fts WHERE fts MATCH ? AND fts.rowid = r.doc) ORDER BY r.doc LIMIT ?"
+            )
+            found = self.db.execute(sql, [*params, after, query, limit])
+        else:
+            cond = " AND ".join(["fts MATCH ?", "fts.rowid > ?", *where])
+            sql = (
+                f"SELECT r.pos, fts.rowid FROM fts JOIN rows r ON r.doc = fts.rowid WHERE {cond} "
+                "ORDER BY fts.rowid LIMIT ?"
+            )
+            found = self.db.execute(sql, [query, after, *params, limit])
+        return [(int(a), int(b)) for a, b in found]
+
+    def count(self, f: Filters, cap: int = 1000) -> tuple[int, bool]:
+        """(rows matching, whether there are more than ``cap``): exact from the facets for one filter and no
+        search, else counted up to ``cap``."""
+        single = sum(x is not None and x != "" for x in (f.status, f.chosen_t, f.chosen_pos, f.reviewed)) <= 1
+        if not f.search and single:
+            estimate = self.estimate(f)
+            if estimate is None:
+                estimate = sum(self.facets().get("status", {}).values())
+            return estimate, False
+        n = len(self.page(f, -1, cap + 1))
+        return min(n, cap), n > cap
