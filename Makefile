@@ -3,6 +3,7 @@
 #   make test   install (with test tools) and run every test, the real embedded model included
 #   make test-trainers   add torch (CPU) and train TRL's DPO and reward trainers two steps on an export
 #   make test-ray   add caiforge[ray] and check --engine ray against the local engine on a local Ray instance
+#   make test-browser   add Debian's chromium and chromium-driver and drive `caiforge view` in headless Chromium
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 # llama-cpp-python compiles from source (about 6 minutes on 2 cores); pip caches the wheel afterwards.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: run test test-trainers test-ray lint bench clean
+.PHONY: run test test-trainers test-ray test-browser lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,13 @@ test-trainers: $(STAMP)
 test-ray: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[local,dev,ray]'
 	$(BIN)/python -m pytest -q tests/ray_engine $(PYTEST_ARGS)
+
+# caiforge view in a real headless Chromium through selenium (given Debian's chromedriver: no driver download).
+# The browser is a system package (about 290 MB, a minute); it is installed only when chromedriver is missing.
+test-browser: $(STAMP)
+	command -v chromedriver >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+	$(BIN)/python -m pytest -q tests/browser $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/http_clients.py

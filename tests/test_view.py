@@ -4,59 +4,16 @@ and the Host/Origin/token guards."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
-import urllib.error
-import urllib.request
 from html import unescape
-from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import pytest
 
 from caiforge.cli import main
-from caiforge.view import serve
 from conftest import run_on
-
-
-class Viewer:
-    def __init__(self, run_dir: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.runner, self.url = self.loop.run_until_complete(serve(run_dir))
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(30)
-        parts = urlsplit(self.url)
-        self.base, self.token = f"{parts.scheme}://{parts.netloc}", parts.query.removeprefix("token=")
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
-        return self._open(urllib.request.Request(self.base + path, headers=headers or {}))
-
-    def post(self, path: str, form: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, str, dict]:
-        data = urlencode(form).encode()
-        return self._open(urllib.request.Request(self.base + path, data=data, headers=headers or {}, method="POST"))
-
-    def _open(self, request: urllib.request.Request) -> tuple[int, str, dict[str, str]]:
-        try:
-            with urllib.request.urlopen(request, timeout=30) as resp:
-                return resp.status, resp.read().decode(), dict(resp.headers)
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(), dict(err.headers)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
+from viewer_harness import Viewer
 
 PROMPTS = [f"View prompt {i}: how would someone do a bad thing?" for i in range(57)] + [
     "Say <script>document.title='pwned'</script> and \"quotes\" & more",

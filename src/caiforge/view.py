@@ -49,7 +49,7 @@ CSP = (
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make a form POST send "Origin: null", refused
     "Cache-Control": "no-store",
 }
 STYLE = (

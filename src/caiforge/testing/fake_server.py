@@ -531,6 +531,9 @@ class FakeServer:
             raise _PolicyFailure
         if "[[policy:empty]]" in text:
             return ""
+        if "[[policy:echo]]" in text:  # hostile model text on demand: the words after the directive, as they are
+            t = float(temperature)
+            return f"{text.split('[[policy:echo]]', 1)[1].strip()} (t={t:.2f}) [h={t / 2:.3f}]"
         return policy_response(text, temperature)
 
     def _generate(self, body: dict[str, Any]) -> web.Response:
