@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from html import unescape
+from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import pytest
@@ -131,6 +136,7 @@ def test_a_revise_runs_page_shows_the_chain(run_cli, fake, tmp_path):
         _, page, _ = viewer.get(f"/prompt/{pid}")
     finally:
         viewer.stop()
+    assert "requests (3)" in page  # the initial answer, the critique and the revision, from the store
     assert (
         "round 1" in page
         and unescape(re.search(r"class='revision'>(.*?)</pre>", page, re.S).group(1))
@@ -138,3 +144,131 @@ def test_a_revise_runs_page_shows_the_chain(run_cli, fake, tmp_path):
             record["revision_response"]
         )
     )
+
+
+def stored(run_dir: Path) -> dict[str, dict]:
+    """Each prompt's result as the store holds it (status and data), by prompt id."""
+    db = sqlite3.connect(run_dir / "caiforge.db")
+    try:
+        return {
+            pid: {"status": s, **json.loads(d)}
+            for pid, s, d in db.execute("SELECT prompt_id, status, data FROM results")
+        }
+    finally:
+        db.close()
+
+
+def every_page(viewer: Viewer, query: dict[str, str]) -> list[str]:
+    """Every prompt id a filtered table lists, following its next links."""
+    ids, path = [], "/?" + urlencode(query)
+    while True:
+        _, page, _ = viewer.get(path)
+        ids += ids_on(page)
+        nxt = re.search(r"id='next' href='([^']+)'", page)
+        if nxt is None:
+            return ids
+        path = unescape(nxt.group(1))
+
+
+def test_each_filter_lists_exactly_the_stored_rows_it_names(viewed):
+    viewer, result = viewed
+    results = stored(result.out)
+    pairs = {pid: r for pid, r in results.items() if r["status"] == "pair"}
+    temperatures = {r["chosen_t"] for r in pairs.values()}
+    assert len(temperatures) > 1
+    for t in temperatures:
+        expect = [pid for pid, r in pairs.items() if r["chosen_t"] == t]
+        assert sorted(every_page(viewer, {"t": str(t)})) == sorted(expect)
+    for pos in {r["chosen_position"] for r in pairs.values()}:
+        expect = [pid for pid, r in pairs.items() if r["chosen_position"] == pos]
+        assert sorted(every_page(viewer, {"pos": str(pos)})) == sorted(expect)
+    t, pos = min(temperatures), 1
+    both = [pid for pid, r in pairs.items() if r["chosen_t"] == t and r["chosen_position"] == pos]
+    assert sorted(every_page(viewer, {"t": str(t), "pos": str(pos)})) == sorted(both)
+    assert every_page(viewer, {"t": str(t), "status": "failure"}) == []  # a failure has no chosen candidate
+    _, page, _ = viewer.get("/")
+    (mode,) = re.findall(r"<option value='([^']+)'>[^<]+</option></select></label><label>reviewed", page)
+    assert mode == "whole, 1 pass" and len(every_page(viewer, {"mode": mode})) == len(PROMPTS)
+    assert every_page(viewer, {"mode": "principle, 2 passes"}) == []  # not this run's mode
+    assert f"{len(pairs)} match" in viewer.get("/?status=pair")[1]  # counted from the facets
+
+
+def test_a_prompts_page_lists_the_requests_the_run_made_rebuilt_from_the_store(viewed, fake):
+    viewer, result = viewed
+    pairs = {p["prompt"]: p for p in result.json("cai_preference_dataset.json")}
+    pid = every_page(viewer, {"status": "pair"})[0]
+    _, page, _ = viewer.get(f"/prompt/{pid}")
+    assert "requests (5)" in page and page.count("<details class='call'>") == 5
+    replies = [unescape(r) for r in re.findall(r"<h4>reply</h4><pre>(.*?)</pre>", page, re.S)]
+    prompt = unescape(re.search(r"<pre id='prompt'>(.*?)</pre>", page, re.S).group(1))  # type: ignore[union-attr]
+    assert pairs[prompt]["chosen"] in replies[:4] and pairs[prompt]["rejected"] in replies[:4]
+    requests = [json.loads(unescape(r)) for r in re.findall(r"<h4>request</h4><pre>(.*?)</pre>", page, re.S)]
+    judged = [r.body for r in fake.requests if r.body and r.body.get("model") == "fake-judge"]
+    seen = [body["messages"] for body in judged if prompt in json.dumps(body["messages"])]
+    assert seen == [requests[4]["messages"]]  # exactly what the server was sent for this prompt's judge pass
+    assert '"chosen"' in replies[4] and '"rejected"' in replies[4]  # the judge's raw reply, as it came
+    failed = every_page(viewer, {"status": "failure"})[0]
+    _, page, _ = viewer.get(f"/prompt/{failed}")
+    assert "(not in the store: never answered)" in page  # the replay stops where the run stopped
+
+
+def test_the_report_page_shows_the_runs_plots_and_nothing_else_is_served(viewed):
+    viewer, result = viewed
+    _, page, _ = viewer.get("/report")
+    plots = re.findall(r"<img src='/plots/([a-z_]+\.png)'", page)
+    assert plots and all((result.out / "report" / name).is_file() for name in plots)
+    status, _, headers = viewer.get(f"/plots/{plots[0]}")
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert viewer.get("/plots/..%2Fcaiforge.db")[0] == 404 and viewer.get("/plots/report.md")[0] == 404
+    status, live, _ = viewer.get("/api/live")
+    counts = json.loads(live)
+    assert counts == {"counts": {"failure": 1, "pair": len(PROMPTS) - 1}, "running": False}
+
+
+def test_the_viewer_follows_a_run_while_it_writes(run_cli, tmp_path, constitution):
+    """A viewer opened on a finished run, then a rerun with more prompts whose requests the server holds: the
+    viewer shows the new prompts pending while the run is held, then every pair once it is let go."""
+    from caiforge.testing.fake_server import FakeConfig, FakeServer
+
+    first = [f"Follow prompt {i}: a question" for i in range(5)]
+    more = first + [f"Follow prompt {i}: a later question" for i in range(5, 12)]
+    hold = threading.Event()
+    hold.set()
+    with FakeServer(FakeConfig(hold=hold)) as server:
+        done = run_on(run_cli, server, tmp_path, constitution, prompts=first)
+        assert done.code == 0, done.stderr
+        viewer = Viewer(done.out)
+        try:
+            assert json.loads(viewer.get("/api/live")[1])["counts"] == {"pair": 5}
+            hold.clear()
+            outcome: list[object] = []
+            runner = threading.Thread(
+                target=lambda: outcome.append(run_on(run_cli, server, tmp_path, constitution, prompts=more))
+            )
+            runner.start()
+            live = wait_for(viewer, lambda c: sum(c["counts"].values()) == len(more))
+            assert live["running"] and live["counts"] == {"pair": 5, "pending": 7}
+            _, page, _ = viewer.get("/?status=pending")
+            assert len(ids_on(page)) == 7
+            hold.set()
+            runner.join(120)
+            assert outcome and outcome[0].code == 0  # type: ignore[attr-defined]
+            live = wait_for(viewer, lambda c: not c["running"] and c["counts"].get("pair") == len(more))
+            assert live["counts"] == {"pair": len(more)}
+            assert len(every_page(viewer, {"status": "pair"})) == len(more)
+            assert len(every_page(viewer, {"q": "later"})) == 7  # the new pairs are searchable
+        finally:
+            hold.set()
+            viewer.stop()
+
+
+def wait_for(viewer: Viewer, done: Callable[[dict], bool], tries: int = 600) -> dict:
+    """Poll the live counts until ``done`` holds (a bound on tries, never a timed assertion)."""
+    for _ in range(tries):
+        status, body, _ = viewer.get("/api/live")
+        assert status == 200, body
+        live = json.loads(body)
+        if done(live):
+            return live
+        time.sleep(0.05)
+    raise AssertionError(f"the viewer never saw it: {live}")

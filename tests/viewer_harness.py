@@ -39,7 +39,7 @@ class Viewer:
     def _open(self, request: urllib.request.Request) -> tuple[int, str, dict[str, str]]:
         try:
             with urllib.request.urlopen(request, timeout=30) as resp:
-                return resp.status, resp.read().decode(), dict(resp.headers)
+                return resp.status, resp.read().decode(errors="replace"), dict(resp.headers)
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode(), dict(err.headers)
 

@@ -138,7 +138,7 @@ class ViewIndex:
         self.run.execute("PRAGMA busy_timeout = 5000")
         self.path = run_dir / INDEX_NAME
         self.db = self._open_index()
-        self._seen_version: int | None = None
+        self._seen: tuple[int, str] | None = None  # (the store's data_version, the run key) last synced
 
     def _open_index(self) -> sqlite3.Connection:
         try:
@@ -172,10 +172,10 @@ class ViewIndex:
 
     def sync(self) -> int:
         """Bring the index up to the store's last commit; returns how many rows changed. Cheap when nothing did."""
-        version = int(self.run.execute("PRAGMA data_version").fetchone()[0])
-        if version == self._seen_version and self._meta().get("identity"):
+        seen = (int(self.run.execute("PRAGMA data_version").fetchone()[0]), self.run_key)
+        if seen == self._seen and self._meta().get("identity"):
             return 0
-        self._seen_version = version
+        self._seen = seen
         identity = self._identity()
         meta = self._meta()
         if meta.get("identity") != identity:
@@ -187,8 +187,9 @@ class ViewIndex:
         identity = identity or self._identity()
         db = self.db
         db.execute("BEGIN")
-        for table in ("rows", "fts", "facets", "meta"):
+        for table in ("rows", "facets", "meta"):
             db.execute(f"DELETE FROM {table}")
+        db.execute("INSERT INTO fts (fts) VALUES ('delete-all')")  # a contentless table's only way to empty
         self.run.execute("BEGIN")  # one snapshot of the store: the mark and the rows agree
         try:
             mark = self.run.execute("SELECT COALESCE(MAX(rowid), 0) FROM results").fetchone()[0]
