@@ -82,3 +82,33 @@ def test_a_budget_stop_then_a_rerun_finishes_without_asking_again(run_cli, tmp_p
 def test_max_cost_needs_prices(run_cli, tmp_path, constitution):
     result = run_cli("--sys-prompt-constitution-file-path", str(constitution), "--max-cost", "1")
     assert result.code == 2 and "--max-cost needs --price-in and --price-out" in result.stderr
+
+
+def test_plan_duration_and_cost_follow_concurrency_rpm_latency_and_prices(tmp_path, capsys, constitution):
+    path = prompts_file(tmp_path, 10)
+    found = plan(capsys, "--red-teaming-file-path", str(path), "--sys-prompt-constitution-file-path",
+                 str(constitution), "--policy-url", "http://127.0.0.1:9/v1", "--policy-model", "p",
+                 "--policy-concurrency", "4", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j",
+                 "--judge-rpm", "30", "--assume-latency", "2", "--price-in", "3", "--price-out", "15",
+                 "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    policy, judge = found["roles"]["policy"], found["roles"]["judge"]
+    # policy: 40 requests at 4 in flight of 2 s each = 20 s; judge: 10 requests at 30 a minute = 20 s
+    assert found["duration_s"] == [20.0, 40.0]
+    tokens_in, tokens_out = policy["tokens_in"] + judge["tokens_in"], policy["tokens_out"] + judge["tokens_out"]
+    assert found["cost"] == round((tokens_in * 3 + tokens_out * 15) / 1e6, 4) and found["cost"] > 0
+
+
+def test_a_cost_budget_stops_the_run_and_a_rerun_with_a_larger_one_finishes(run_cli, tmp_path, constitution):
+    path = prompts_file(tmp_path, 20)
+    with FakeServer(FakeConfig()) as server:
+        flags = ["--red-teaming-file-path", str(path), "--sys-prompt-constitution-file-path", str(constitution),
+                 *server_flags(server), "--policy-concurrency", "2", "--judge-concurrency", "2",
+                 "--price-in", "1000", "--price-out", "1000"]  # fmt: skip
+        stopped = run_cli(*flags, "--max-cost", "0.5")  # $1000 per million tokens: about 500 tokens
+        durable = stored_keys(stopped.out)
+        first = len([r for r in server.requests if r.body and not r.is_check])
+        finished = run_cli(*flags, "--max-cost", "1000")
+        second = len([r for r in server.requests if r.body and not r.is_check]) - first
+    assert stopped.code == 1 and "stopped at the budget" in stopped.stderr
+    assert finished.code == 0 and finished.json("manifest.json")["counts"]["pairs"] == 20
+    assert 0 < len(durable) < 20 * 5 and second == 20 * 5 - len(durable)
