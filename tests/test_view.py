@@ -272,3 +272,12 @@ def wait_for(viewer: Viewer, done: Callable[[dict], bool], tries: int = 600) -> 
             return live
         time.sleep(0.05)
     raise AssertionError(f"the viewer never saw it: {live}")
+
+
+def test_the_runs_warnings_head_the_table_escaped(viewed):
+    viewer, result = viewed
+    manifest = result.json("manifest.json")
+    manifest["warnings"] = ["The judge was a <b>toy</b>: its labels are for trying the tool."]
+    (result.out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    _, page, _ = viewer.get("/")
+    assert "<b>Warning.</b> The judge was a &lt;b&gt;toy&lt;/b&gt;: its labels are for trying the tool." in page

@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .errors import InputError
+from .manifest import Manifest
 from .records import RunDescriptor
 from .report import PLOTS_DIR
 from .store import DB_NAME, Store
@@ -55,7 +56,8 @@ HEADERS = {
 STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:80em}table{border-collapse:collapse;width:100%}"
     "td,th{border:1px solid #ccc;padding:.3em;vertical-align:top;text-align:left}.chosen{background:#e6f4ea}"
-    ".rejected{background:#fce8e6}pre{white-space:pre-wrap;margin:0}nav a{margin-right:1em}"
+    ".rejected{background:#fce8e6}.warning{background:#fff4ce;padding:.4em}pre{white-space:pre-wrap;margin:0}"
+    "nav a{margin-right:1em}"
     "form.filters{margin:.5em 0}form.filters label{margin-right:.6em}img{max-width:48%;margin:.3em}"
 )
 TOKEN_COOKIE = "caiforge_view"
@@ -148,6 +150,13 @@ class RunView:
     def one(self, prompt_id: str) -> Row | None:
         found = self.db.execute(f"{SELECT} WHERE p.id = ?", (self.run_key, self.run_key, prompt_id)).fetchone()
         return None if found is None else _row(found)
+
+    def warnings(self) -> list[str]:
+        """What the run's manifest says every reader must be told (a toy judge, ...), once the run has one."""
+        try:
+            return Manifest.read(self.run_dir).warnings
+        except InputError:
+            return []
 
     def running(self) -> bool:
         found = self.db.execute("SELECT status FROM attempts ORDER BY id DESC LIMIT 1").fetchone()
@@ -292,9 +301,10 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
         nxt = ""
         if more:
             nxt = f"<p><a id='next' href='/?{esc(urlencode({**keep, 'after': rows[-1].key}))}'>next page</a></p>"
+        warnings = "".join(f"<p class='warning'><b>Warning.</b> {esc(w)}</p>" for w in view.warnings())
         return _page(
             f"caiforge run: {view.descriptor.pipeline}",
-            f"{_counts(facets.get('status', {}), running)}{form}<p id='matched'>{esc(shown)}</p>"
+            f"{warnings}{_counts(facets.get('status', {}), running)}{form}<p id='matched'>{esc(shown)}</p>"
             "<table><tr><th>#</th><th>prompt</th><th>status</th><th>outcome</th>"
             f"<th>review</th></tr>{body}</table>{nxt}",
             script=True,
@@ -305,7 +315,7 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
         if row is None:
             raise web.HTTPNotFound(text="no such prompt")
         d = row.data or {}
-        parts = [f"<h2>prompt</h2><pre id='prompt'>{esc(row.prompt)}</pre><p>status: {esc(row.status)}</p>"]
+        parts = [f"<pre id='prompt'>{esc(row.prompt)}</pre><p>status: {esc(row.status)}</p>"]
         if row.status == "pair":
             cells = []
             for t, text in d.get("responses") or []:
@@ -314,10 +324,16 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
                     f"<td class='{mark}'><b>t={esc(t)} {esc(mark)}</b><pre class='candidate'>{esc(text)}</pre></td>"
                 )
             parts.append(f"<table><tr>{''.join(cells)}</tr></table>")
+            labels = (
+                ("shown order (temperatures)", d.get("order_t")),
+                ("both passes agree", d.get("consistent")),
+                ("P(chosen)", d.get("chosen_prob")),
+                ("principle", d.get("principle")),
+            )
+            facts = ", ".join(f"{name}: {esc(value)}" for name, value in labels if value not in (None, "", []))
             parts.append(
-                f"<h2>judge</h2><pre id='explanation'>{esc(d.get('explanation'))}</pre>"
-                f"<p>consistent: {esc(d.get('consistent'))}, P(chosen): {esc(d.get('chosen_prob'))}, "
-                f"principle: {esc(d.get('principle'))}, shown order (temperatures): {esc(d.get('order_t'))}</p>"
+                f"<h2>judge</h2><pre id='explanation'>{esc(d.get('explanation') or '(no explanation)')}</pre>"
+                f"<p>{facts}</p>"
             )
             choices = "".join(
                 f"<label><input type='radio' name='action' value='{a}'{' checked' if row.review == a else ''}> "
@@ -351,7 +367,7 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
             for t, text in d.get("responses") or []:
                 parts.append(f"<h3>candidate t={esc(t)}</h3><pre class='candidate'>{esc(text)}</pre>")
         parts.append(await db(lambda: _calls(view, row)))
-        return _page("prompt", "".join(parts))
+        return _page(f"prompt {row.position}", "".join(parts))
 
     async def review(request: web.Request) -> web.Response:
         form = await request.post()
