@@ -9,6 +9,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from html import unescape
 from pathlib import Path
@@ -56,8 +57,10 @@ def test_the_table_pages_filters_and_searches_in_sql(viewed):
     assert len(ids_on(second)) == len(PROMPTS) - 50 and not set(ids_on(second)) & set(ids_on(first))
     _, failed, _ = viewer.get("/?status=failure")
     assert len(ids_on(failed)) == 1 and "candidates: transient error" in failed
-    _, found, _ = viewer.get("/?" + urlencode({"q": "View prompt 1*", "in": "prompt"}))
-    assert len(ids_on(found)) == 11  # 1 and 10-19: a prefix
+    _, found, _ = viewer.get("/?" + urlencode({"q": "View prompt 1", "in": "prompt"}))
+    assert len(ids_on(found)) == 1  # whole words: "1" is not "10"
+    assert len(every_page(viewer, {"q": "vie*", "in": "prompt"})) == 57  # a prefix of 3 characters or more
+    assert len(every_page(viewer, {"q": "vi*", "in": "prompt"})) == 0  # shorter: a whole word ("vi")
     _, none, _ = viewer.get("/?" + urlencode({"q": "%"}))  # a LIKE wildcard typed is a character searched
     assert ids_on(none) == []
 
@@ -281,3 +284,32 @@ def test_the_runs_warnings_head_the_table_escaped(viewed):
     (result.out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     _, page, _ = viewer.get("/")
     assert "<b>Warning.</b> The judge was a &lt;b&gt;toy&lt;/b&gt;: its labels are for trying the tool." in page
+
+
+def test_the_command_serves_the_printed_url_and_stops_on_ctrl_c(viewed, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    _, result = viewed
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caiforge.cli", "view", str(result.out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = ""
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("caiforge view: http://127.0.0.1:"):
+                url = line.split()[2]
+                break
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            page = resp.read().decode()
+            assert resp.status == 200 and len(ids_on(page)) == 50
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    bad = subprocess.run([sys.executable, "-m", "caiforge.cli", "view", str(tmp_path / "empty")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "not a caiforge run" in bad.stderr and "Traceback" not in bad.stderr

@@ -51,7 +51,8 @@ def test_no_search_is_a_syntax_error(tmp_path, store, typed):
     index = ViewIndex(tmp_path, KEY)
     index.sync()
     assert isinstance(positions(index, Filters(search=typed)), list)
-    assert fts_query("bridges*") == '"bridges"*' and fts_query("%%") is None
+    assert fts_query("bridges*") == '{prompt responses explanation} : ("bridges"*)' and fts_query("%%") is None
+    assert fts_query("br*", "prompt") == '{prompt} : ("br")'  # too short a prefix: a whole word
 
 
 def test_the_index_follows_replaced_results_reviews_and_new_prompts(tmp_path, store):
@@ -75,9 +76,13 @@ def test_the_index_follows_replaced_results_reviews_and_new_prompts(tmp_path, st
     store.set_review(KEY, "p2", "flag")
     index.sync()
     assert positions(index, Filters(reviewed="any")) == [1, 2] and positions(index, Filters(reviewed="flag")) == [2]
+    assert sorted(positions(index, Filters(search="answer", reviewed="any"))) == [1, 2]  # a review re-tags the row
+    assert positions(index, Filters(search="kestrel", reviewed="swap", chosen_t=0.01)) == [1]
     store.set_review(KEY, "p2", None)
     index.sync()
     assert positions(index, Filters(reviewed="any")) == [1] and index.facets()["reviewed"] == {"swap": 1}
+    assert positions(index, Filters(search="answer", reviewed="flag")) == []  # its old document is stale
+    assert sorted(positions(index, Filters(search="answer"))) == [0, 1, 2]  # in the order they were indexed
     # an attempt that rewrites the prompts rebuilds the index, keeping what the store has
     store.set_prompts([(f"p{i}", f"prompt number {i} about bridges") for i in range(8)])
     index.sync()

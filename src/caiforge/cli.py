@@ -656,6 +656,11 @@ def _view(directory: Path, port: int, open_browser: bool) -> int:
     from .view import serve
 
     async def forever() -> None:
+        print(
+            f"caiforge view: indexing {directory / 'view.db'} (the first time about 4 minutes a million prompts; "
+            "then only what changed)",
+            flush=True,
+        )
         runner, url = await serve(directory, port)
         print(f"caiforge view: {url}  (reviews need this URL's token; Ctrl-C stops)", flush=True)
         if open_browser:

@@ -6,9 +6,12 @@ filters need into ``view.db`` and follows the run:
 
 - ``rows``: one per prompt, keyed by input position, with its status (``pair``, ``failure``, ``inconsistent``,
   ``revision`` or ``pending``), the chosen temperature and position, and its review; a partial index per filter.
-- ``fts``: a contentless FTS5 table (unicode61) over the prompt, its responses and the judge's explanation. A
-  contentless table cannot delete rows on SQLite 3.40, so a changed result gets a new FTS row and ``rows.fts``
-  (``rows.doc``) points at the current one; stale ones drop out of the join.
+- ``fts``: a contentless FTS5 table (unicode61) over the prompt, its responses and the judge's explanation, plus
+  a ``tags`` column holding each row's filter values as words (``spair``, ``t151``, ``p2``, ``rany``). A search
+  with filters is then one FTS5 query whose doclists FTS5 intersects: checking each filtered row against FTS5
+  cost 35-47 us a row, 140-500 ms at 1M (``bench/view_queries.py``). A contentless table cannot delete rows on
+  SQLite 3.40, so a changed result or review gets a new FTS row and ``rows.doc`` points at the current one;
+  stale ones drop out of the join.
 - ``facets``: counts per status, temperature, position and review, kept as rows change: counting 1M rows on each
   page would cost 60-130 ms.
 
@@ -31,12 +34,12 @@ from typing import Any
 from .store import DB_NAME
 
 INDEX_NAME = "view.db"
-VERSION = "1"
+VERSION = 2  # the index's schema: another one is deleted and rebuilt
 CHUNK = 2000
 PAGE = 50
-# Below this many rows, a search is driven from the filter's index (each row checked against FTS5); above, FTS5
-# drives and the filter is checked per match. Measured crossover in docs/research/viewer.md.
-FILTER_DRIVES_BELOW = 5000
+# A shorter prefix merges every term it starts (``s*``: 3.5 s at 1M); it is searched as a whole word instead.
+MIN_PREFIX = 3
+INSERT_DOC = "INSERT INTO fts (rowid, prompt, responses, explanation, tags) VALUES (?, ?, ?, ?, ?)"
 INCONSISTENT = "judge passes disagree"  # verdicts.Inconsistent.reason (not imported: this module loads no judge)
 
 SCHEMA = """
@@ -50,7 +53,7 @@ CREATE INDEX IF NOT EXISTS rows_cp ON rows(chosen_pos, pos) WHERE status = 'pair
 CREATE INDEX IF NOT EXISTS rows_t_cp ON rows(chosen_t, chosen_pos, pos) WHERE status = 'pair';
 CREATE INDEX IF NOT EXISTS rows_reviewed ON rows(reviewed, pos) WHERE reviewed IS NOT NULL;
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
-    prompt, responses, explanation, content='', tokenize='unicode61 remove_diacritics 2');
+    prompt, responses, explanation, tags, content='', tokenize='unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (name, value));
 """
@@ -108,12 +111,40 @@ FIELDS = ("prompt", "responses", "explanation")
 def fts_query(text: str, field: str | None = None) -> str | None:
     """A person's search as an FTS5 query: every word must occur (``word*`` is a prefix), in ``field`` if given.
     FTS5's own syntax is not exposed, so no search is a syntax error."""
-    words = re.findall(r"\w+\*?", text)
-    terms = [f'"{w.rstrip("*")}"' + ("*" if w.endswith("*") else "") for w in words if w.rstrip("*")]
+    words = [w for w in re.findall(r"\w+\*?", text) if w.rstrip("*")]
+    terms = [f'"{w.rstrip("*")}"' + ("*" if w.endswith("*") and len(w) - 1 >= MIN_PREFIX else "") for w in words]
     if not terms:
         return None
-    query = " ".join(terms)
-    return f"{{{field}}} : ({query})" if field in FIELDS else query
+    columns = field if field in FIELDS else " ".join(FIELDS)
+    return f"{{{columns}}} : ({' '.join(terms)})"
+
+
+def _t(value: float) -> str:
+    return f"t{round(float(value) * 100)}"
+
+
+def tags(row: Indexed, reviewed: str | None) -> str:
+    """A row's filter values as words for the ``tags`` column."""
+    words = [f"s{row.status}"]
+    if row.chosen_t is not None:
+        words.append(_t(row.chosen_t))
+    if row.chosen_pos is not None:
+        words.append(f"p{row.chosen_pos}")
+    if reviewed:
+        words += ["rany", f"r{reviewed}"]
+    return " ".join(words)
+
+
+def filter_tags(f: Filters) -> list[str]:
+    """The ``tags`` words a row must have to pass the filters."""
+    words = [f"s{f.status}"] if f.status else []
+    if f.chosen_t is not None:
+        words.append(_t(f.chosen_t))
+    if f.chosen_pos is not None:
+        words.append(f"p{f.chosen_pos}")
+    if f.reviewed:
+        words.append(f"r{f.reviewed}")
+    return words
 
 
 def _facet_items(row: Indexed, reviewed: str | None) -> Iterator[tuple[str, str]]:
@@ -141,17 +172,25 @@ class ViewIndex:
         self._seen: tuple[int, str] | None = None  # (the store's data_version, the run key) last synced
 
     def _open_index(self) -> sqlite3.Connection:
+        """``view.db``, or a new one when it is damaged or of another schema (it is derived: rebuilt from the store)."""
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")  # derived data: a crash costs a rebuild, never a wrong row
-            db.executescript(SCHEMA)
-        except sqlite3.DatabaseError:  # a damaged sidecar is rebuilt from the store
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(self.path) + suffix).unlink(missing_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            if db.execute("PRAGMA user_version").fetchone()[0] == VERSION:
+                return self._prepared(db)
+            db.close()
+        except sqlite3.DatabaseError:
+            pass
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA user_version = {VERSION}")
+        return self._prepared(db)
+
+    @staticmethod
+    def _prepared(db: sqlite3.Connection) -> sqlite3.Connection:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # derived data: a crash costs a rebuild, never a wrong row
+        db.executescript(SCHEMA)
         return db
 
     def close(self) -> None:
@@ -183,7 +222,7 @@ class ViewIndex:
         return self._follow(int(meta.get("mark", "0"))) + self._reviews()
 
     def rebuild(self, identity: str | None = None) -> int:
-        """Index every prompt from scratch (about 2 minutes per million on 2 cores)."""
+        """Index every prompt from scratch (about 4 minutes per million on 2 cores)."""
         identity = identity or self._identity()
         db = self.db
         db.execute("BEGIN")
@@ -207,11 +246,11 @@ class ViewIndex:
                     row = indexed(status, json.loads(data) if data else None)
                     n += 1
                     rows.append((pos, pid, row.status, row.chosen_t, row.chosen_pos, reviews.get(pid), n))
-                    fts.append((n, text, row.responses, row.explanation))
+                    fts.append((n, text, row.responses, row.explanation, tags(row, reviews.get(pid))))
                     for item in _facet_items(row, reviews.get(pid)):
                         facets[item] = facets.get(item, 0) + 1
                 db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                db.executemany("INSERT INTO fts (rowid, prompt, responses, explanation) VALUES (?, ?, ?, ?)", fts)
+                db.executemany(INSERT_DOC, fts)
         finally:
             self.run.execute("COMMIT")
         db.executemany("INSERT INTO facets VALUES (?, ?, ?)", ((k, v, c) for (k, v), c in facets.items()))
@@ -219,6 +258,7 @@ class ViewIndex:
             "INSERT INTO meta VALUES (?, ?)", (("identity", identity), ("mark", str(mark)), ("next_fts", str(n + 1)))
         )
         db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # else the rebuild's WAL, as large as the index, stays
         return n
 
     def _stored_reviews(self) -> dict[str, str]:
@@ -256,10 +296,7 @@ class ViewIndex:
                 self._bump(_facet_items(Indexed(o_status, o_t, o_pos, "", ""), reviewed), -1)
                 row = indexed(status, json.loads(data))
                 self._bump(_facet_items(row, reviewed), 1)
-                db.execute(
-                    "INSERT INTO fts (rowid, prompt, responses, explanation) VALUES (?, ?, ?, ?)",
-                    (next_fts, text, row.responses, row.explanation),
-                )
+                db.execute(INSERT_DOC, (next_fts, text, row.responses, row.explanation, tags(row, reviewed)))
                 db.execute(
                     "UPDATE rows SET status = ?, chosen_t = ?, chosen_pos = ?, doc = ? WHERE pos = ?",
                     (row.status, row.chosen_t, row.chosen_pos, next_fts, pos),
@@ -283,13 +320,26 @@ class ViewIndex:
         }
         if not changes:
             return 0
+        next_fts = int(self._meta().get("next_fts", "1"))
         self.db.execute("BEGIN")
         for pid, action in changes.items():
             if pid in indexed_now:
                 self._bump([("reviewed", indexed_now[pid])], -1)
             if action is not None:
                 self._bump([("reviewed", action)], 1)
-            self.db.execute("UPDATE rows SET reviewed = ? WHERE prompt_id = ?", (action, pid))
+            found = self.run.execute(
+                "SELECT p.text, r.status, r.data FROM prompts p "
+                "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? WHERE p.id = ?",
+                (self.run_key, pid),
+            ).fetchone()
+            if found is None:  # a review of a prompt this attempt no longer has
+                continue
+            text, status, data = found
+            row = indexed(status, json.loads(data) if data else None)  # its tags change: a new document
+            self.db.execute(INSERT_DOC, (next_fts, text, row.responses, row.explanation, tags(row, action)))
+            self.db.execute("UPDATE rows SET reviewed = ?, doc = ? WHERE prompt_id = ?", (action, next_fts, pid))
+            next_fts += 1
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('next_fts', ?)", (str(next_fts),))
         self.db.execute("COMMIT")
         return len(changes)
 
@@ -324,20 +374,24 @@ class ViewIndex:
             params.append(f.reviewed)
         return where, params
 
-    def estimate(self, f: Filters) -> int | None:
-        """How many rows the filters leave, from the facets (the smallest single filter's count); None: all."""
+    def _sizes(self, f: Filters) -> dict[str, int]:
+        """Rows each given filter leaves, from the facets, keyed by the index that serves it."""
         facets = self.facets()
-        counts = []
+        sizes: dict[str, int] = {}
         if f.status:
-            counts.append(facets.get("status", {}).get(f.status, 0))
-        if f.chosen_t is not None:
-            counts.append(facets.get("chosen_t", {}).get(repr(float(f.chosen_t)), 0))
-        if f.chosen_pos is not None:
-            counts.append(facets.get("chosen_pos", {}).get(str(f.chosen_pos), 0))
+            sizes["rows_status"] = facets.get("status", {}).get(f.status, 0)
+        t = facets.get("chosen_t", {}).get(repr(float(f.chosen_t)), 0) if f.chosen_t is not None else None
+        pos = facets.get("chosen_pos", {}).get(str(f.chosen_pos), 0) if f.chosen_pos is not None else None
+        if t is not None and pos is not None:
+            sizes["rows_t_cp"] = min(t, pos)
+        elif t is not None:
+            sizes["rows_t"] = t
+        elif pos is not None:
+            sizes["rows_cp"] = pos
         if f.reviewed:
             reviewed = facets.get("reviewed", {})
-            counts.append(sum(reviewed.values()) if f.reviewed == "any" else reviewed.get(f.reviewed, 0))
-        return min(counts) if counts else None
+            sizes["rows_reviewed"] = sum(reviewed.values()) if f.reviewed == "any" else reviewed.get(f.reviewed, 0)
+        return sizes
 
     def page(self, f: Filters, after: int = -1, limit: int = PAGE + 1) -> list[tuple[int, int]]:
         """(position, paging key) of the next ``limit`` rows after ``after``: by position, or for a search by FTS
@@ -346,36 +400,36 @@ class ViewIndex:
         if built is None:
             return []
         where, params = built
-        query = fts_query(f.search, f.field) if f.search else None
-        if f.search and query is None:
-            return []
-        if query is None:
-            sql = f"SELECT r.pos, r.pos FROM rows r WHERE {' AND '.join([*where, 'r.pos > ?'])} ORDER BY r.pos LIMIT ?"
-            return [(int(a), int(b)) for a, b in self.db.execute(sql, [*params, after, limit])]
-        estimate = self.estimate(f)
-        if estimate is not None and estimate < FILTER_DRIVES_BELOW:
-            sql = (
-                f"SELECT r.pos, r.doc FROM rows r WHERE {' AND '.join([*where, 'r.doc > ?'])} AND EXISTS "
-                "(SELECT 1 FROM fts WHERE fts MATCH ? AND fts.rowid = r.doc) ORDER BY r.doc LIMIT ?"
-            )
-            found = self.db.execute(sql, [*params, after, query, limit])
-        else:
-            cond = " AND ".join(["fts MATCH ?", "fts.rowid > ?", *where])
+        sizes = self._sizes(f)
+        if any(n == 0 for n in sizes.values()):
+            return []  # a filter no row passes
+        if f.search:
+            query = fts_query(f.search, f.field)
+            if query is None:
+                return []
+            wanted = filter_tags(f)
+            if wanted:  # the filters as words: FTS5 intersects the doclists
+                query += " AND tags : (" + " ".join(f'"{w}"' for w in wanted) + ")"
+            cond = " AND ".join(["fts MATCH ?", "fts.rowid > ?", *where])  # where: rechecks the few rows found
             sql = (
                 f"SELECT r.pos, fts.rowid FROM fts JOIN rows r ON r.doc = fts.rowid WHERE {cond} "
                 "ORDER BY fts.rowid LIMIT ?"
             )
-            found = self.db.execute(sql, [query, after, *params, limit])
-        return [(int(a), int(b)) for a, b in found]
+            return [(int(a), int(b)) for a, b in self.db.execute(sql, [query, after, *params, limit])]
+        # Driven from the index of the narrowest filter: SQLite, without statistics, walked the 70k failures to
+        # find the 200 reviewed ones (and ANALYZE made other plans worse; measured at 1M).
+        hint = f"INDEXED BY {min(sizes, key=sizes.__getitem__)} " if sizes else ""
+        sql = (
+            f"SELECT r.pos, r.pos FROM rows r {hint}WHERE {' AND '.join([*where, 'r.pos > ?'])} ORDER BY r.pos LIMIT ?"
+        )
+        return [(int(a), int(b)) for a, b in self.db.execute(sql, [*params, after, limit])]
 
     def count(self, f: Filters, cap: int = 1000) -> tuple[int, bool]:
         """(rows matching, whether there are more than ``cap``): exact from the facets for one filter and no
         search, else counted up to ``cap``."""
         single = sum(x is not None and x != "" for x in (f.status, f.chosen_t, f.chosen_pos, f.reviewed)) <= 1
         if not f.search and single:
-            estimate = self.estimate(f)
-            if estimate is None:
-                estimate = sum(self.facets().get("status", {}).values())
-            return estimate, False
+            sizes = self._sizes(f)
+            return (min(sizes.values()) if sizes else sum(self.facets().get("status", {}).values())), False
         n = len(self.page(f, -1, cap + 1))
         return min(n, cap), n > cap
