@@ -37,6 +37,12 @@ def viewed(run_cli, fake, tmp_path, constitution):
     viewer.stop()
 
 
+def version_on(page: str) -> str:
+    found = re.search(r"name='version' value='([^']*)'", page)
+    assert found is not None, "no review form on the page"
+    return unescape(found.group(1))
+
+
 def ids_on(page: str) -> list[str]:
     return re.findall(r"href='/prompt/([0-9a-f]+)'", page)
 
@@ -95,10 +101,13 @@ def test_a_review_made_in_the_page_changes_the_next_export(viewed, tmp_path, cap
     flagged = train[0]
     status, page, _ = viewer.get(f"/prompt/{flagged}")
     assert "<form method='post'" not in page  # without the printed URL's token, no review form
-    cookie = f"caiforge_view={viewer.token}"
+    cookie = f"caiforge_view_{urlsplit(viewer.base).port}={viewer.token}"  # a cookie of this port's viewer
     _, page, _ = viewer.get(f"/prompt/{flagged}", {"Cookie": cookie})
     assert "<form method='post'" in page
-    status, _, _ = viewer.post("/review", {"token": viewer.token, "prompt_id": flagged, "action": "flag"})
+    form = {"token": viewer.token, "prompt_id": flagged, "action": "flag", "version": version_on(page)}
+    assert viewer.post("/review", {**form, "version": "1.0"})[0] == 409  # made on another version of the pair
+    assert "current: none" in viewer.get(f"/prompt/{flagged}")[1]
+    status, _, _ = viewer.post("/review", form)
     assert status == 200  # after the 303 to the prompt's page
     _, page, _ = viewer.get(f"/prompt/{flagged}")
     assert "current: flag" in page
@@ -119,9 +128,17 @@ def test_foreign_hosts_origins_and_missing_tokens_are_refused(viewed):
     pid = ids_on(table)[0]
     assert viewer.post("/review", {"prompt_id": pid, "action": "flag"})[0] == 403  # no token
     assert viewer.post("/review", {"token": "guess", "prompt_id": pid, "action": "flag"})[0] == 403
-    evil = {"Origin": "http://evil.example"}
-    assert viewer.post("/review", {"token": viewer.token, "prompt_id": pid, "action": "flag"}, evil)[0] == 403
+    form = {
+        "token": viewer.token,
+        "prompt_id": pid,
+        "action": "flag",
+        "version": version_on(viewer.get(f"/prompt/{pid}?token={viewer.token}")[1]),
+    }
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        assert viewer.post("/review", form, headers)[0] == 403, headers
     assert "current: none" in viewer.get(f"/prompt/{pid}")[1]  # nothing was stored
+    assert viewer.get("/?after=100000000000000000000")[0] == 200  # past SQLite's integers: an empty page
+    assert viewer.get("/?t=abc&pos=1.5&status=nope&in=tags&q=" + "tags%20:%20x%20{%22")[0] == 200
 
 
 def test_a_revise_runs_page_shows_the_chain(run_cli, fake, tmp_path):
@@ -295,6 +312,8 @@ def test_the_command_serves_the_printed_url_and_stops_on_ctrl_c(viewed, tmp_path
     proc = subprocess.Popen(
         [sys.executable, "-m", "caiforge.cli", "view", str(result.out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell without job control starts jobs with SIGINT ignored, which Python keeps: a terminal's instead
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         url = ""
@@ -313,3 +332,22 @@ def test_the_command_serves_the_printed_url_and_stops_on_ctrl_c(viewed, tmp_path
     bad = subprocess.run([sys.executable, "-m", "caiforge.cli", "view", str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "not a caiforge run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_fresh_run_in_the_folder_is_followed_and_old_reviews_are_refused(run_cli, fake, tmp_path, constitution):
+    first = run_on(run_cli, fake, tmp_path, constitution, prompts=[f"Old prompt {i}: a question" for i in range(3)])
+    assert first.code == 0, first.stderr
+    viewer = Viewer(first.out)
+    try:
+        pid = ids_on(viewer.get("/")[1])[0]
+        form = {"token": viewer.token, "prompt_id": pid, "action": "swap",
+                "version": version_on(viewer.get(f"/prompt/{pid}?token={viewer.token}")[1])}  # fmt: skip
+        again = run_on(run_cli, fake, tmp_path, constitution, "--fresh",
+                       prompts=[f"Old prompt {i}: a question" for i in range(3)] + ["New prompt: another"])  # fmt: skip
+        assert again.code == 0, again.stderr
+        _, page, _ = viewer.get("/")
+        assert len(ids_on(page)) == 4 and "New prompt" in page  # the new store, not the deleted file
+        assert viewer.post("/review", form)[0] == 409  # a review made on the old run's pair is not applied
+        assert "current: none" in viewer.get(f"/prompt/{pid}")[1]
+    finally:
+        viewer.stop()

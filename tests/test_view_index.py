@@ -100,3 +100,52 @@ def test_a_damaged_index_is_rebuilt_from_the_store(tmp_path, store):
     index = ViewIndex(tmp_path, KEY)
     index.sync()
     assert index.facets()["status"] == {"pending": 5, "pair": 1}
+
+
+def test_an_edited_input_of_the_same_size_is_reindexed_and_a_resume_is_not_rebuilt(tmp_path, store):
+    index = ViewIndex(tmp_path, KEY)
+    index.sync()
+    store.put_result("p1", KEY, "pair", pair("p1", 0.01, 1))
+    index.sync()
+    rebuilt: list[int] = []
+    real = index.rebuild
+    index.rebuild = lambda: rebuilt.append(1) or real()  # type: ignore[method-assign]
+    # a resumed attempt writes the same prompts again: compared, not rebuilt
+    store.begin_attempt({})
+    index.sync()  # between the new attempt and its prompts: nothing to do yet
+    store.set_prompts([(f"p{i}", f"prompt number {i} about bridges") for i in range(6)])
+    index.sync()
+    assert rebuilt == [] and index.facets()["status"] == {"pending": 5, "pair": 1}
+    # an edited input with as many prompts: the index follows it
+    store.begin_attempt({})
+    index.sync()
+    store.set_prompts([(f"q{i}", f"another prompt {i} about tunnels") for i in range(6)])
+    index.sync()
+    assert rebuilt == [1] and index.facets()["status"] == {"pending": 6}
+    assert (
+        positions(index, Filters(search="tunnels")) == list(range(6))
+        and positions(index, Filters(search="bridges")) == []
+    )
+
+
+def test_a_review_of_a_prompt_the_attempt_lacks_counts_nothing(tmp_path, store):
+    store.set_review(KEY, "gone", "flag")
+    index = ViewIndex(tmp_path, KEY)
+    for _ in range(3):
+        store.put_result("p0", KEY, "pair", pair("p0", 0.01, 1))  # any write: the store's data_version moves
+        index.sync()
+    assert "reviewed" not in index.facets() and positions(index, Filters(reviewed="any")) == []
+
+
+def test_a_failed_sync_leaves_no_transaction_open(tmp_path, store, monkeypatch):
+    import caiforge.view_index as view_index
+
+    index = ViewIndex(tmp_path, KEY)
+    index.sync()
+    store.put_result("p0", KEY, "pair", pair("p0", 0.01, 1))
+    real = view_index.indexed
+    monkeypatch.setattr(view_index, "indexed", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        index.sync()
+    monkeypatch.setattr(view_index, "indexed", real)
+    assert index.sync() == 1 and index.facets()["status"]["pair"] == 1

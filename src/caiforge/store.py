@@ -110,6 +110,17 @@ def _m004_reviews(db: sqlite3.Connection) -> None:
     )
 
 
+def _m005_prompt_sets(db: sqlite3.Connection) -> None:
+    """Each ``set_prompts`` adds a row in the same transaction: a reader (``caiforge view``) knows the prompts
+    were rewritten, even when an edited input has as many prompts as before."""
+    db.executescript(
+        """
+        CREATE TABLE prompt_sets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, attempt INTEGER, count INTEGER NOT NULL, created REAL NOT NULL);
+        """
+    )
+
+
 def _lock(path: Path) -> IO[bytes] | None:
     """An exclusive advisory lock (POSIX flock; released by the OS even after kill -9)."""
     try:
@@ -132,6 +143,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m002_judge_calls_and_verdicts,
     _m003_one_reply_table_and_run_records,
     _m004_reviews,
+    _m005_prompt_sets,
 ]
 
 
@@ -272,7 +284,11 @@ class Store:
                 "INSERT OR IGNORE INTO prompts VALUES (?, ?, ?)",
                 ((pid, i, text) for i, (pid, text) in enumerate(prompts)),
             )
-        return int(self.db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+            count = int(self.db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+            self.db.execute(
+                "INSERT INTO prompt_sets (attempt, count, created) VALUES (?, ?, ?)", (self.attempt, count, time.time())
+            )
+        return count
 
     def pending(self, run_key: str, chunk: int = 1000) -> Iterator[tuple[str, str]]:
         """(id, text) of every prompt without a pair under ``run_key`` (none yet, or a failure to try again), in

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -60,7 +61,7 @@ STYLE = (
     "nav a{margin-right:1em}"
     "form.filters{margin:.5em 0}form.filters label{margin-right:.6em}img{max-width:48%;margin:.3em}"
 )
-TOKEN_COOKIE = "caiforge_view"
+TOKEN_COOKIE = "caiforge_view_"  # + the port: browsers keep one cookie jar for every port of a host
 
 
 def esc(value: Any) -> str:
@@ -77,21 +78,22 @@ class Row:
     review: str | None
     note: str | None = None
     key: int = 0  # the paging key: the position, or for a search the index's FTS row
+    version: str = ""  # when its result was written: a review names the version it was made on
 
 
 # A prompt, its result under the run's key and its review; the two placeholders are the run key.
 SELECT = (
-    "SELECT p.position, p.id, p.text, r.status, r.data, v.action, v.note FROM prompts p "
+    "SELECT p.position, p.id, p.text, r.status, r.data, v.action, v.note, r.created FROM prompts p "
     "LEFT JOIN results r ON r.prompt_id = p.id AND r.run_key = ? "
     "LEFT JOIN reviews v ON v.prompt_id = p.id AND v.run_key = ?"
 )
 
 
 def _row(found: tuple[Any, ...]) -> Row:
-    pos, pid, text, status, data, action, note = found
+    pos, pid, text, status, data, action, note, created = found
     parsed = json.loads(data) if data else None
     shown = indexed(status, parsed).status
-    return Row(pos, pid, text, shown, parsed, action, note, pos)
+    return Row(pos, pid, text, shown, parsed, action, note, pos, repr(created))
 
 
 class RunView:
@@ -104,16 +106,32 @@ class RunView:
             raise InputError(f"{run_dir}: not a caiforge run (no {DB_NAME})")
         self.run_dir, self.path = run_dir, path
         Store(path).close()  # brings an older store up to date (the reviews table), then lets go
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        self.db.execute("PRAGMA busy_timeout = 5000")
-        self.run_key, self.descriptor = self._descriptor(run_dir)
-        self.index = ViewIndex(run_dir, self.run_key)
-
-    def _descriptor(self, run_dir: Path) -> tuple[str, RunDescriptor]:
-        found = self.db.execute("SELECT key, data FROM descriptor WHERE id = 1").fetchone()
-        if found is None:
+        self.db, self.inode = self._open()
+        described = self._descriptor()
+        if described is None:
             raise InputError(f"{run_dir}: the store describes no run yet")
-        return str(found[0]), RunDescriptor(**json.loads(found[1]))
+        self.run_key, self.descriptor = described
+        self.index = ViewIndex(run_dir, self.run_key)
+        self.live_served = 0
+
+    def _open(self) -> tuple[sqlite3.Connection, int]:
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 5000")
+        return db, os.stat(self.path).st_ino
+
+    def _descriptor(self) -> tuple[str, RunDescriptor] | None:
+        found = self.db.execute("SELECT key, data FROM descriptor WHERE id = 1").fetchone()
+        return None if found is None else (str(found[0]), RunDescriptor(**json.loads(found[1])))
+
+    def _reopen_if_replaced(self) -> None:
+        """``run --fresh`` put a new store at the path: read that one (an open connection reads the old file)."""
+        try:
+            replaced = os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            return
+        if replaced:
+            self.db.close()
+            self.db, self.inode = self._open()
 
     def close(self) -> None:
         self.index.close()
@@ -121,9 +139,11 @@ class RunView:
 
     def sync(self) -> None:
         """Follow the run: a new descriptor (settings changed) re-keys the index, which then rebuilds."""
-        key, descriptor = self._descriptor(self.run_dir)
-        if key != self.run_key:
-            self.run_key, self.descriptor, self.index.run_key = key, descriptor, key
+        self._reopen_if_replaced()
+        described = self._descriptor()
+        if described is not None and described[0] != self.run_key:  # None: a fresh run not yet described
+            self.run_key, self.descriptor = described
+            self.index.run_key = self.run_key
         self.index.sync()
 
     def judge_mode(self) -> str | None:
@@ -148,6 +168,7 @@ class RunView:
         return [replace(by_pos[pos], key=key) for pos, key in keys if pos in by_pos]
 
     def one(self, prompt_id: str) -> Row | None:
+        self._reopen_if_replaced()
         found = self.db.execute(f"{SELECT} WHERE p.id = ?", (self.run_key, self.run_key, prompt_id)).fetchone()
         return None if found is None else _row(found)
 
@@ -163,7 +184,8 @@ class RunView:
         return found is not None and found[0] == "running"
 
     def live(self) -> dict[str, Any]:
-        """The counts the page refreshes while a run goes."""
+        """The counts the page refreshes while a run goes (``live_served``: how often, a record for tests)."""
+        self.live_served += 1
         self.sync()
         return {"counts": self.index.facets().get("status", {}), "running": self.running()}
 
@@ -174,6 +196,9 @@ class RunView:
             store.set_review(self.run_key, prompt_id, action, note)
         finally:
             store.close()
+
+
+VIEW = web.AppKey("view", RunView)  # the app's RunView, for whoever holds the runner (tests)
 
 
 def _page(title: str, body: str, script: bool = False) -> web.Response:
@@ -241,13 +266,13 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
                 return web.Response(status=403, text="forbidden: the review token is missing or wrong")
         response = await handler(request)
         if request.query.get("token") == token:  # the printed URL: its holder may review from now on
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+            response.set_cookie(f"{TOKEN_COOKIE}{request.url.port}", token, httponly=True, samesite="Strict")
         # What the server spent on the request, for the benchmark and the browser's devtools.
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response
 
     def authorised(request: web.Request) -> bool:
-        given = request.cookies.get(TOKEN_COOKIE) or request.query.get("token") or ""
+        given = request.cookies.get(f"{TOKEN_COOKIE}{request.url.port}") or request.query.get("token") or ""
         return secrets.compare_digest(given, token)
 
     async def table(request: web.Request) -> web.Response:
@@ -262,7 +287,7 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
         )
         mode = q.get("mode") or None
         after = _number(q.get("after", "").lstrip("-") and q.get("after"), int)
-        after = -1 if after is None else after
+        after = -1 if after is None else min(max(after, -1), 2**63 - 1)  # SQLite's integers
 
         def read() -> tuple[list[Row], dict[str, dict[str, int]], tuple[int, bool], bool, str | None]:
             view.sync()
@@ -345,7 +370,8 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
             if authorised(request):
                 parts.append(
                     f"<form method='post' action='/review'><input type='hidden' name='token' value='{esc(token)}'>"
-                    f"<input type='hidden' name='prompt_id' value='{esc(row.prompt_id)}'>{choices}"
+                    f"<input type='hidden' name='prompt_id' value='{esc(row.prompt_id)}'>"
+                    f"<input type='hidden' name='version' value='{esc(row.version)}'>{choices}"
                     "<input name='note' placeholder='note (optional)'> <button id='save'>save</button></form>"
                 )
             else:
@@ -375,6 +401,10 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
         row = await db(lambda: view.one(pid))
         if row is None or row.status != "pair" or action not in ("flag", "swap", "clear"):
             raise web.HTTPBadRequest(text="review: a pair's prompt id and an action of flag, swap or clear")
+        if str(form.get("version", "")) != row.version:  # the pair was remade (a rerun, run --fresh) since shown
+            raise web.HTTPConflict(
+                text="review: this pair changed since the page was shown; reload it and review again"
+            )
         note = str(form.get("note") or "") or None
         await db(lambda: view.review(pid, None if action == "clear" else action, note))
         raise web.HTTPSeeOther(f"/prompt/{pid}")
@@ -403,6 +433,7 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
         return web.Response(text=script, content_type="text/javascript", headers=HEADERS)
 
     application = web.Application(middlewares=[guard])
+    application[VIEW] = view
     application.add_routes(
         [
             web.get("/", table),
