@@ -282,7 +282,7 @@ def test_the_viewer_follows_a_run_while_it_writes(run_cli, tmp_path, constitutio
             viewer.stop()
 
 
-def wait_for(viewer: Viewer, done: Callable[[dict], bool], tries: int = 600) -> dict:
+def wait_for(viewer: Viewer, done: Callable[[dict], bool], tries: int = 6000) -> dict:
     """Poll the live counts until ``done`` holds (a bound on tries, never a timed assertion)."""
     for _ in range(tries):
         status, body, _ = viewer.get("/api/live")
