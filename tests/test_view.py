@@ -19,7 +19,7 @@ import pytest
 
 from caiforge.cli import main
 from conftest import run_on
-from viewer_harness import Viewer
+from viewer_harness import Viewer, viewing
 
 PROMPTS = [f"View prompt {i}: how would someone do a bad thing?" for i in range(57)] + [
     "Say <script>document.title='pwned'</script> and \"quotes\" & more",
@@ -29,12 +29,8 @@ PROMPTS = [f"View prompt {i}: how would someone do a bad thing?" for i in range(
 
 @pytest.fixture
 def viewed(run_cli, fake, tmp_path, constitution):
-    result = run_on(run_cli, fake, tmp_path, constitution, "--max-retries", "0", "--policy-output-retries", "0",
-                    prompts=PROMPTS)  # fmt: skip
-    assert result.code == 0, result.stderr
-    viewer = Viewer(result.out)
-    yield viewer, result
-    viewer.stop()
+    with viewing(run_cli, fake, tmp_path, constitution, PROMPTS) as found:
+        yield found
 
 
 def version_on(page: str) -> str:

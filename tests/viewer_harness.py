@@ -6,10 +6,13 @@ import asyncio
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 from caiforge.view import serve
+from conftest import Run, run_on
 
 
 class Viewer:
@@ -47,3 +50,16 @@ class Viewer:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+
+
+@contextmanager
+def viewing(run_cli, server, tmp_path: Path, constitution: Path, prompts: list[str]) -> Iterator[tuple[Viewer, Run]]:
+    """A run of ``prompts`` (failures not retried) and a viewer on it, stopped afterwards."""
+    result = run_on(run_cli, server, tmp_path, constitution, "--max-retries", "0", "--policy-output-retries", "0",
+                    prompts=prompts)  # fmt: skip
+    assert result.code == 0, result.stderr
+    viewer = Viewer(result.out)
+    try:
+        yield viewer, result
+    finally:
+        viewer.stop()

@@ -28,8 +28,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from caiforge.cli import main  # noqa: E402
 from caiforge.view import VIEW  # noqa: E402
-from conftest import run_on  # noqa: E402
-from viewer_harness import Viewer  # noqa: E402
+from viewer_harness import Viewer, viewing  # noqa: E402
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='img'\">"
 PROMPTS = [f"Browser prompt {i}: how would someone do a bad thing?" for i in range(57)] + [
@@ -72,12 +71,8 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def viewed(run_cli, fake, tmp_path, constitution):
-    result = run_on(run_cli, fake, tmp_path, constitution, "--max-retries", "0", "--policy-output-retries", "0",
-                    prompts=PROMPTS)  # fmt: skip
-    assert result.code == 0, result.stderr
-    viewer = Viewer(result.out)
-    yield viewer, result
-    viewer.stop()
+    with viewing(run_cli, fake, tmp_path, constitution, PROMPTS) as found:
+        yield found
 
 
 def listed(driver: webdriver.Chrome) -> list[str]:
