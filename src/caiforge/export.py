@@ -27,7 +27,7 @@ from .errors import InputError
 from .formats import Row, Table, clean, run_rows, split_files
 from .inputs import check_blend_files, read_text
 from .manifest import Counts, Manifest
-from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, take, trl_pairs
+from .mix import DEFAULT_RATIOS, Ref, RunPair, Source, leak_key, mix, nemo_pairs, parse_source, trl_pairs
 from .outputs import write_files, write_stream, write_streams
 from .records import PairRecord, Record, Reviews, RunDescriptor, pairs_of, pending, records
 from .store import DB_NAME, Store
@@ -294,13 +294,13 @@ def _run_source(run: Stored, run_dir: Path, amount: str | None) -> RunSource:
     return RunSource(source=source, cfg=run.cfg, reviews=reviews)
 
 
-def blend_reviews(runs: Iterable[RunSource], seed: int) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+def blend_reviews(runs: Iterable[RunSource]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
     """What the runs' reviews changed in a blend's files, per run source (by ``id`` of its :class:`Source`) and
     summed, counted as ``export`` counts them: each run's flagged pairs, and its swapped pairs among those the
-    blend took (``take`` is seeded, so it gives again the sample ``mix`` wrote). Empty where nothing was reviewed."""
+    blend took (``Source.kept``). Empty where nothing was reviewed."""
     each: dict[int, dict[str, int]] = {}
     for run in runs:
-        taken = {run.source.name: [ref.prompt_id for ref in take(run.source, seed) if isinstance(ref, RunPair)]}
+        taken = {run.source.name: [ref.prompt_id for ref in run.source.kept if isinstance(ref, RunPair)]}
         if counts := review_counts(run.reviews, taken):
             each[id(run.source)] = counts
     total = {key: sum(c[key] for c in each.values()) for key in ("flagged", "swapped")} if each else {}
@@ -375,7 +375,7 @@ def blend_many(
         mixed = mix(sources, ratios, template, seed, prefix)
         output_dir.mkdir(parents=True, exist_ok=True)
         files = write_table(output_dir, mixed.table, formats)
-    reviewed, reviews = blend_reviews(runs, seed)
+    reviewed, reviews = blend_reviews(runs)
     manifest = Manifest(
         caiforge=__version__,
         counts=Counts(pairs=sum(mixed.splits.values()), splits=mixed.splits),

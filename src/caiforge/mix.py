@@ -18,7 +18,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class Source:
     kind: str  # "run", "trl", "nemo"
     pairs: list[Ref]
     amount: str | None = None  # as given: a weight (0 < w <= 1) or a count
-    taken: int = 0
+    kept: list[Ref] = field(default_factory=list)  # the sample the blend took (set by ``take``)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -84,7 +84,7 @@ class Source:
             "kind": self.kind,
             "rows": len(self.pairs),
             "amount": self.amount,
-            "taken": self.taken,
+            "taken": len(self.kept),
         }
 
 
@@ -131,7 +131,7 @@ def take(source: Source, seed: int) -> list[Ref]:
             raise InputError(f"{source.path}: asked for {n} pairs, the source has {len(pairs)}")
         keep = sorted(random.Random(f"{seed}|{source.path}").sample(range(len(pairs)), n))
         chosen = [pairs[i] for i in keep]
-    source.taken = len(chosen)
+    source.kept = chosen
     return chosen
 
 

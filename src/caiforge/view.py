@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import os
 import secrets
 import sqlite3
 import time
@@ -105,41 +104,32 @@ class RunView:
         if not path.is_file():
             raise InputError(f"{run_dir}: not a caiforge run (no {DB_NAME})")
         self.run_dir, self.path = run_dir, path
-        Store(path).close()  # brings an older store up to date (the reviews table), then lets go
-        self.db, self.inode = self._open()
-        described = self._descriptor()
+        store = Store(path)  # brings an older store up to date (the reviews table), then lets go
+        try:
+            described = store.descriptor()
+        finally:
+            store.close()
         if described is None:
             raise InputError(f"{run_dir}: the store describes no run yet")
-        self.run_key, self.descriptor = described
+        self.run_key, self.descriptor = described[0], RunDescriptor(**described[1])
         self.index = ViewIndex(run_dir, self.run_key)
         self.live_served = 0
 
-    def _open(self) -> tuple[sqlite3.Connection, int]:
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 5000")
-        return db, os.stat(self.path).st_ino
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The store, read-only: the index's connection, which it reopens when ``run --fresh`` replaces the file."""
+        return self.index.run
 
     def _descriptor(self) -> tuple[str, RunDescriptor] | None:
         found = self.db.execute("SELECT key, data FROM descriptor WHERE id = 1").fetchone()
         return None if found is None else (str(found[0]), RunDescriptor(**json.loads(found[1])))
 
-    def _reopen_if_replaced(self) -> None:
-        """``run --fresh`` put a new store at the path: read that one (an open connection reads the old file)."""
-        try:
-            replaced = os.stat(self.path).st_ino != self.inode
-        except FileNotFoundError:
-            return
-        if replaced:
-            self.db.close()
-            self.db, self.inode = self._open()
-
     def close(self) -> None:
         self.index.close()
-        self.db.close()
 
     def sync(self) -> None:
         """Follow the run: a new descriptor (settings changed) re-keys the index, which then rebuilds."""
-        self._reopen_if_replaced()
+        self.index.replaced()
         described = self._descriptor()
         if described is not None and described[0] != self.run_key:  # None: a fresh run not yet described
             self.run_key, self.descriptor = described
@@ -154,10 +144,8 @@ class RunView:
         passes = int(judge.get("passes") or 1)
         return f"{judge.get('mode', 'whole')}, {passes} pass{'es' if passes > 1 else ''}"
 
-    def rows(self, f: Filters, after: int, mode: str | None = None) -> list[Row]:
-        if mode and mode != self.judge_mode():
-            return []
-        keys = self.index.page(f, after)
+    def rows(self, keys: list[tuple[int, int]]) -> list[Row]:
+        """The rows of these (position, paging key) pairs, read from the store, in that order."""
         if not keys:
             return []
         marks = ",".join("?" * len(keys))
@@ -168,7 +156,7 @@ class RunView:
         return [replace(by_pos[pos], key=key) for pos, key in keys if pos in by_pos]
 
     def one(self, prompt_id: str) -> Row | None:
-        self._reopen_if_replaced()
+        self.index.replaced()
         found = self.db.execute(f"{SELECT} WHERE p.id = ?", (self.run_key, self.run_key, prompt_id)).fetchone()
         return None if found is None else _row(found)
 
@@ -286,13 +274,17 @@ def app(view: RunView, token: str, allowed_hosts: set[str], worker: ThreadPoolEx
             field=q.get("in") if q.get("in") in FIELDS else None,
         )
         mode = q.get("mode") or None
-        after = _number(q.get("after", "").lstrip("-") and q.get("after"), int)
-        after = -1 if after is None else min(max(after, -1), 2**63 - 1)  # SQLite's integers
+        given = _number(q.get("after"), int)
+        after = -1 if given is None else min(max(given, -1), 2**63 - 1)  # within SQLite's integers
 
         def read() -> tuple[list[Row], dict[str, dict[str, int]], tuple[int, bool], bool, str | None]:
             view.sync()
-            matched = (0, False) if mode and mode != view.judge_mode() else view.index.count(f)
-            return view.rows(f, after, mode), view.index.facets(), matched, view.running(), view.judge_mode()
+            if mode and mode != view.judge_mode():  # the run has one judge mode: another matches nothing
+                keys: list[tuple[int, int]] = []
+                matched = (0, False)
+            else:
+                keys, matched = view.index.page_and_count(f, after)
+            return view.rows(keys), view.index.facets(), matched, view.running(), view.judge_mode()
 
         rows, facets, (matched, more_than), running, run_mode = await db(read)
         more, rows = len(rows) > PAGE, rows[:PAGE]
@@ -452,7 +444,7 @@ def _calls(view: RunView, row: Row) -> str:
     """Every request the pipeline made for this prompt, rebuilt from the store, with its raw reply and tokens."""
     from .view_calls import calls
 
-    found = calls(view.path, view.descriptor, row.prompt_id, row.prompt)
+    found = calls(view.db, view.descriptor, row.prompt_id, row.prompt)
     if isinstance(found, str):
         return f"<h2>requests</h2><p>{esc(found)}</p>"
     out = [f"<h2>requests ({len(found)})</h2>"]

@@ -14,7 +14,6 @@ import asyncio
 import json
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, InputError, StageFailed
@@ -75,9 +74,8 @@ def _pipeline(descriptor: RunDescriptor, ask: dict[str, Any]) -> Any:
     return rlcai.RlCai(settings, ask, lambda _: None)
 
 
-def calls(db_path: Path, descriptor: RunDescriptor, prompt_id: str, prompt: str) -> list[Call] | str:
-    """The requests the pipeline made for ``prompt``, in order, or why they cannot be shown."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def calls(db: sqlite3.Connection, descriptor: RunDescriptor, prompt_id: str, prompt: str) -> list[Call] | str:
+    """The requests the pipeline made for ``prompt``, in order, or why they cannot be shown (``db``: the store)."""
     made: list[Call] = []
 
     def asker(role: str) -> Any:
@@ -113,6 +111,4 @@ def calls(db_path: Path, descriptor: RunDescriptor, prompt_id: str, prompt: str)
         pass  # the replay stops where the run stopped (the last call says why): what was made is what is shown
     except InputError as exc:
         return str(exc)
-    finally:
-        db.close()
     return made

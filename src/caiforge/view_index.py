@@ -472,11 +472,24 @@ class ViewIndex:
         )
         return [(int(a), int(b)) for a, b in self.db.execute(sql, [*params, after, limit])]
 
+    def page_and_count(self, f: Filters, after: int, cap: int = 1000) -> tuple[list[tuple[int, int]], tuple[int, bool]]:
+        """A page and the count, from one query when they can share it (a first page counted by query)."""
+        if after == -1 and not self._counted_by_facets(f):
+            keys = self.page(f, -1, cap + 1)
+            return keys[: PAGE + 1], (min(len(keys), cap), len(keys) > cap)
+        return self.page(f, after), self.count(f, cap)
+
+    @staticmethod
+    def _counted_by_facets(f: Filters) -> bool:
+        return (
+            not f.search
+            and sum(x is not None and x != "" for x in (f.status, f.chosen_t, f.chosen_pos, f.reviewed)) <= 1
+        )
+
     def count(self, f: Filters, cap: int = 1000) -> tuple[int, bool]:
         """(rows matching, whether there are more than ``cap``): exact from the facets for one filter and no
         search, else counted up to ``cap``."""
-        single = sum(x is not None and x != "" for x in (f.status, f.chosen_t, f.chosen_pos, f.reviewed)) <= 1
-        if not f.search and single:
+        if self._counted_by_facets(f):
             sizes = self._sizes(f)
             return (min(sizes.values()) if sizes else sum(self.facets().get("status", {}).values())), False
         n = len(self.page(f, -1, cap + 1))
