@@ -168,6 +168,12 @@ class BudgetConfig(_Frozen):
             raise ValueError("--max-cost needs --price-in and --price-out (dollars per million tokens)")
         return self
 
+    def cost(self, tokens_in: float, tokens_out: float) -> float | None:
+        """Dollars for these tokens at the prices, or None without both prices: ``plan``'s and ``--max-cost``'s."""
+        if self.price_in is None or self.price_out is None:
+            return None
+        return (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
+
 
 class ReviseConfig(_Frozen):
     """``caiforge revise`` (SL-CAI): NeMo-Aligner's ``generate_sl_cai_dataset.py`` settings, same names."""

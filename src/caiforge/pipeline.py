@@ -210,8 +210,7 @@ def budget_of(cfg: RunConfig, stats: Stats) -> Budget | None:
         prompt = sum(v for k, v in t.items() if k.endswith("_prompt"))
         return prompt, sum(v for k, v in t.items() if k.endswith("_completion"))
 
-    prices = (b.price_in, b.price_out) if b.price_in is not None and b.price_out is not None else None
-    return Budget(spent, b.max_tokens, b.max_cost, prices)
+    return Budget(spent, b.max_tokens, b.max_cost, b.cost)
 
 
 def record_outcome(

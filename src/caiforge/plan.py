@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundled
-from .config import RunConfig
+from .config import BudgetConfig, RunConfig
 from .errors import InputError
 from .inputs import BadRecord, PromptRecord, iter_prompts
 from .records import prompt_id
@@ -65,8 +65,7 @@ class Plan:
     latency: float
     chain: int  # requests one after the other for a prompt: the shortest the run can be is chain x latency
     stored: dict[str, int] = field(default_factory=dict)  # replies already in the folder's database, per role
-    price_in: float | None = None
-    price_out: float | None = None
+    prices: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def duplicates(self) -> int:
@@ -78,11 +77,7 @@ class Plan:
         return max(max(per_role), floor), max(sum(per_role), floor)
 
     def cost(self) -> float | None:
-        if self.price_in is None or self.price_out is None:
-            return None
-        tokens_in = sum(r.tokens_in for r in self.roles)
-        tokens_out = sum(r.tokens_out for r in self.roles)
-        return (tokens_in * self.price_in + tokens_out * self.price_out) / 1e6
+        return self.prices.cost(sum(r.tokens_in for r in self.roles), sum(r.tokens_out for r in self.roles))
 
     def as_dict(self) -> dict[str, Any]:
         low, high = self.duration()
@@ -135,7 +130,8 @@ class Plan:
         cost = self.cost()
         if cost is not None:
             lines.append(
-                f"  cost at ${self.price_in:g} in / ${self.price_out:g} out per million tokens: about ${cost:,.2f}"
+                f"  cost at ${self.prices.price_in:g} in / ${self.prices.price_out:g} out per million tokens: "
+                f"about ${cost:,.2f}"
             )
         else:
             lines.append("  cost: give --price-in and --price-out (dollars per million tokens) for an estimate")
@@ -251,7 +247,6 @@ def _plan(
     chain: int,
     stored: dict[str, int],
 ) -> Plan:
-    b = cfg.budget
     return Plan(
         pipeline=pipeline,
         records=prompts.records,
@@ -262,8 +257,7 @@ def _plan(
         latency=latency,
         chain=chain,
         stored=stored,
-        price_in=b.price_in,
-        price_out=b.price_out,
+        prices=cfg.budget,
     )
 
 

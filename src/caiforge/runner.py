@@ -53,16 +53,16 @@ class Budget:
         spent: Callable[[], tuple[int, int]],
         max_tokens: int | None = None,
         max_cost: float | None = None,
-        prices: tuple[float, float] | None = None,
+        cost: Callable[[int, int], float | None] = lambda _in, _out: None,
     ) -> None:
-        self.spent, self.max_tokens, self.max_cost, self.prices = spent, max_tokens, max_cost, prices
+        self.spent, self.max_tokens, self.max_cost, self.cost = spent, max_tokens, max_cost, cost
         self.done = 0
 
     def check(self) -> None:
         self.done += 1
         tokens_in, tokens_out = self.spent()
         tokens = tokens_in + tokens_out
-        cost = None if self.prices is None else (tokens_in * self.prices[0] + tokens_out * self.prices[1]) / 1e6
+        cost = self.cost(tokens_in, tokens_out)
         over = (self.max_tokens is not None and tokens >= self.max_tokens) or (
             self.max_cost is not None and cost is not None and cost >= self.max_cost
         )
