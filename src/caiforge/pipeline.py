@@ -263,6 +263,7 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
         rate = FailureRate(cfg.max_failure_rate)
         window = 2 * engine.capacity()  # prompts in flight: enough to keep every endpoint full, and no more
         on_outcome = partial(record_outcome, store, run_key)
+        budget = budget_of(cfg, engine.stats)
         try:
             if cfg.engine == "ray":
                 from .ray_runner import run_on_ray  # caiforge[ray]: imported only when asked for
@@ -276,11 +277,10 @@ async def run_async(cfg: RunConfig, fresh: bool = False) -> RunResult:
                     cache=store,
                     stats=engine.stats,
                     advance=session.progress.advance,
+                    budget=budget,
                 )
             else:
-                await run_each(
-                    items, pipeline, on_outcome, window=window, rate=rate, budget=budget_of(cfg, engine.stats)
-                )
+                await run_each(items, pipeline, on_outcome, window=window, rate=rate, budget=budget)
         except RunAborted:
             # Stopped on purpose (--max-failure-rate): say why in the file a user opens first.
             # Streamed from the store like every other output: an abort at 1M prompts holds no record list.

@@ -40,7 +40,7 @@ from .errors import BackendError, CaiforgeError, StageFailed
 from .pipelines import rlcai
 from .records import PairRecord
 from .request import Reply
-from .runner import FailureRate, Outcome, run_each
+from .runner import Budget, FailureRate, Outcome, run_each
 from .store import DB_NAME, Store
 
 Item = tuple[str, str]  # (prompt id, prompt)
@@ -257,9 +257,10 @@ async def run_on_ray(
     cache: ReplyCache,
     stats: Stats,
     advance: Callable[[str], None],
+    budget: Budget | None = None,
 ) -> None:
     """Every prompt ends in ``on_outcome`` as in :func:`runner.run_each`, its replies in ``cache`` first and its
-    requests in ``stats``; raises RunAborted when ``rate`` says so."""
+    requests in ``stats``; raises RunAborted when ``rate`` or ``budget`` says so."""
     todo = list(items)  # the store's pending prompts: those with a pair are not among them
     if not todo:
         return  # nothing to send: no cluster needed
@@ -295,7 +296,9 @@ async def run_on_ray(
         )
         rows = _Rows(dataset)
         async for payload in rows:
-            _absorb(pickle.loads(payload), on_outcome, rate=rate, cache=cache, stats=stats, advance=advance)
+            _absorb(
+                pickle.loads(payload), on_outcome, rate=rate, cache=cache, stats=stats, advance=advance, budget=budget
+            )
     finally:
         if rows is not None:
             rows.stop(STOP_GRACE)
@@ -353,6 +356,7 @@ def _absorb(
     cache: ReplyCache,
     stats: Stats,
     advance: Callable[[str], None],
+    budget: Budget | None = None,
 ) -> None:
     """One batch's results on the driver, in the local engine's order: replies stored before the outcomes that
     used them, then each outcome committed and counted."""
@@ -372,3 +376,5 @@ def _absorb(
             failure = _failure(outcome["failure"])
             on_outcome(Outcome(item, None, failure))
             rate.add(failure)
+        if budget is not None:  # as run_each checks it: after each outcome, on the tokens reported so far
+            budget.check()

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray", reason="make test-ray installs caiforge[ray]")
 from caiforge.cli import main  # noqa: E402
 from caiforge.store import DB_NAME, Store  # noqa: E402
 from caiforge.testing.fake_server import FakeConfig, FakeServer, Fault, RecordedRequest  # noqa: E402
-from conftest import CONSTITUTION, server_flags, write_prompts  # noqa: E402
+from conftest import CONSTITUTION, server_flags, stored_keys, write_prompts  # noqa: E402
 
 PROMPTS = [f"How would someone do harmful thing number {i}?" for i in range(24)]
 # The store, and what reports on the run rather than on the data (timings, requests sent, the client's concurrency).
@@ -139,3 +139,19 @@ def test_a_failing_ray_run_stops_at_the_failure_rate_and_keeps_its_work(tmp_path
     assert code == 1
     assert "above --max-failure-rate" in capsys.readouterr().err
     assert len((out / "failures.jsonl").read_text(encoding="utf-8").splitlines()) >= 20
+
+
+def test_a_ray_run_stops_at_its_token_budget_and_a_rerun_finishes(tmp_path, inputs, capsys):
+    out = tmp_path / "ray"
+    with FakeServer(FakeConfig()) as server:
+        code = run(server, inputs, out, "--engine", "ray", "--max-tokens", "300")
+        stopped = capsys.readouterr().err
+        durable = stored_keys(out)
+        first = len(server.work())
+        assert run(server, inputs, out, "--engine", "ray") == 0
+        again = len(server.work()) - first
+    assert code == 1 and "stopped at the budget" in stopped and "--max-tokens 300" in stopped
+    # Ray hands results over a block at a time, so a block's replies may all be stored before the stop
+    assert 0 < len(durable) <= len(PROMPTS) * 5
+    assert again == len(PROMPTS) * 5 - len(durable)  # nothing stored is asked again
+    assert set(results(out).values()) == {"pair"}
