@@ -20,10 +20,10 @@ import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="make test-browser installs selenium")
 
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from caiforge.cli import main  # noqa: E402
@@ -83,7 +83,15 @@ def follow(driver: webdriver.Chrome, element: WebElement) -> None:
     """Click a link or a form's button and wait for the next page: a click returns before the page it loads."""
     page = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 30).until(staleness_of(page))
+
+    def gone(_: object) -> bool:
+        try:
+            page.is_enabled()
+        except WebDriverException:  # stale; or, caught mid-navigation, "node does not belong to the document"
+            return True
+        return False
+
+    WebDriverWait(driver, 30).until(gone)
 
 
 def shoot(driver: webdriver.Chrome, name: str) -> None:
